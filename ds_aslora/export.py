@@ -1,0 +1,128 @@
+"""Adapter export: a plain peft LoRA directory for servers, and a compact format for us.
+
+* peft (``export_peft``): ``adapter_config.json`` + ``adapter_model.safetensors`` with
+  ``base_model.model.<path>.lora_{A,B}.weight`` for every adapted module. Shared and tied
+  tensors are materialised per layer, because vLLM, LoRAX and ``PeftModel`` know nothing
+  about cross-layer sharing.
+* compact (``export_compact`` / ``load_compact``): every trainable tensor once (bank tensors
+  under ``shared_bank.<key>``, live per-layer factors under ``<path>.lora_{A,B}``) plus the
+  tie map of merged ASLoRA layers; loads back into a model for more training or export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import BANK_NAME, adapter_config, adapter_layers, find_bank, inject_adapters, module_type
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+COMPACT_FORMAT = "ds_aslora.compact"
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").clone().contiguous()
+
+
+def _write(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write weights, then config, into ``out_dir`` via a temporary name each, so an
+    interrupted export never leaves a half-written file under the final name."""
+    os.makedirs(out_dir, exist_ok=True)
+    weights, conf = os.path.join(out_dir, WEIGHTS), os.path.join(out_dir, CONFIG)
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    with open(conf + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(conf + ".tmp", conf)
+
+
+def _base_name(model: nn.Module, given: Optional[str]) -> Optional[str]:
+    return given or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path, layer in adapter_layers(model):
+        tensors[f"base_model.model.{path}.lora_A.weight"] = _plain(layer.weight_A)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = _plain(layer.weight_B)
+    return tensors
+
+
+def export_peft(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """A standard peft LoRA adapter (loads with ``PeftModel.from_pretrained``)."""
+    cfg = adapter_config(model)
+    layers = list(adapter_layers(model))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted({module_type(p) for p, _ in layers}),
+        "base_model_name_or_path": _base_name(model, base_model_name_or_path), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    _write(out_dir, peft_state_dict(model), config)
+
+
+def compact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every live trainable adapter tensor once, keyed relative to the model root."""
+    bank = find_bank(model)
+    tensors = {f"{BANK_NAME}.{key}": _plain(bank.get(key)) for key in bank.keys()}
+    for path, layer in adapter_layers(model):
+        if layer.lora_A is not None:
+            tensors[f"{path}.lora_A"] = _plain(layer.lora_A)
+        if layer.lora_B is not None and not layer.is_tied:
+            tensors[f"{path}.lora_B"] = _plain(layer.lora_B)
+    return tensors
+
+
+def tie_map(model: nn.Module) -> dict[str, str]:
+    """Path of each tied layer -> path of the representative whose B it uses."""
+    paths = {id(layer): path for path, layer in adapter_layers(model)}
+    return {path: paths[id(layer.tied_to)] for path, layer in adapter_layers(model) if layer.is_tied}
+
+
+def export_compact(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None) -> None:
+    config = {"format": COMPACT_FORMAT, "version": 1, "adapter": adapter_config(model).to_dict(),
+              "ties": tie_map(model), "base_model_name_or_path": _base_name(model, base_model_name_or_path)}
+    _write(out_dir, compact_state_dict(model), config)
+
+
+def load_compact(model: nn.Module, in_dir: str) -> nn.Module:
+    """Load a compact export into ``model`` (injecting the adapters if it has none)."""
+    conf_path = os.path.join(in_dir, CONFIG)
+    if not os.path.isfile(conf_path):
+        raise FileNotFoundError(f"no {CONFIG} in {in_dir!r}: not an adapter directory")
+    with open(conf_path) as f:
+        config = json.load(f)
+    if config.get("format") != COMPACT_FORMAT:
+        raise ValueError(f"{in_dir!r} is not a ds_aslora compact export (format={config.get('format')!r})")
+    cfg = AdapterConfig.from_dict(config["adapter"])
+    if find_bank(model) is None:
+        inject_adapters(model, cfg)
+    elif adapter_config(model) != cfg:
+        raise ValueError(f"model adapters {adapter_config(model)} differ from the export's {cfg}")
+    layers = dict(adapter_layers(model))
+    unknown = sorted((set(config["ties"]) | set(config["ties"].values())) - set(layers))
+    if unknown:
+        raise ValueError(f"tie map names modules this model lacks: {unknown[:5]}")
+    for layer in layers.values():
+        layer.tie_to(None)
+    for path, rep in config["ties"].items():
+        layers[path].tie_to(layers[rep])
+    tensors = load_file(os.path.join(in_dir, WEIGHTS))
+    expected = compact_state_dict(model)
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"compact export does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if params[key].shape != value.shape:
+                raise ValueError(f"{key}: export has shape {tuple(value.shape)}, model {tuple(params[key].shape)}")
+            params[key].copy_(value)
+    return model

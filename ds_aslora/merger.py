@@ -1,0 +1,107 @@
+"""LocalMerger: ASLoRA merges applied to a plain PyTorch model and optimizer, in one process.
+
+It is the reference the multi-rank coordinator must match: the same MergePolicy decisions,
+the same running-mean and blend arithmetic, applied directly to ``lora_B`` and to the
+optimizer's ``exp_avg`` / ``exp_avg_sq``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .inject import adapter_config, adapter_layers, module_type
+from .layers import AdapterLinear
+from .merge_policy import Merge, MergePolicy, blend, squared_distances, update_running_mean
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def layers_by_type(model: nn.Module) -> dict[str, list[AdapterLinear]]:
+    """Adapter layers that own their B, grouped by module type, in layer order."""
+    out: dict[str, list[AdapterLinear]] = defaultdict(list)
+    for name, layer in adapter_layers(model):
+        if layer.b_key is None:
+            out[module_type(name)].append(layer)
+    return dict(out)
+
+
+class LocalMerger:
+    """Call ``after_step(step)`` after every applied optimizer step.
+
+    Args:
+        model: a model injected with ``method="aslora"``.
+        optimizer: the torch optimizer over its parameters (None: values only).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+        self.cfg = adapter_config(model)
+        if self.cfg.method != "aslora":
+            raise ValueError(f"merging needs method='aslora', the model has {self.cfg.method!r}")
+        self.layers = layers_by_type(model)
+        self.optimizer = optimizer
+        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()})
+        self.means = {m: {i: torch.zeros_like(layer.lora_B, dtype=torch.float32)
+                          for i, layer in enumerate(ls)} for m, ls in self.layers.items()}
+        self.observations = 0
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> list[Merge]:
+        """Fold the current B of every live group into its running mean, then merge if
+        ``step`` is an event. Returns the merges applied."""
+        self.observations += 1
+        for mtype, layers in self.layers.items():
+            for rep in self.policy.representatives(mtype):
+                update_running_mean(self.means[mtype][rep], layers[rep].lora_B, self.observations)
+        if not self.policy.is_event(step):
+            return []
+        plan = self.policy.plan(step, self.distances())
+        for merge in plan:
+            self._apply(merge)
+        self.policy.apply(plan)
+        return plan
+
+    def distances(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for mtype, layers in self.layers.items():
+            gram = None
+            if self.cfg.merge_distance == "effective":
+                A = layers[0].weight_A.detach().float()
+                gram = A @ A.T  # (r, r)
+            means = [self.means[mtype][rep] for rep in self.policy.representatives(mtype)]
+            out[mtype] = squared_distances(means, gram)
+        return out
+
+    def _apply(self, merge: Merge) -> None:
+        layers, lam = self.layers[merge.module_type], self.cfg.merge_lam
+        upper, lower = layers[merge.representative], layers[merge.retired]
+        upper.lora_B.copy_(blend(upper.lora_B, lower.lora_B, lam))
+        if self.optimizer is not None:
+            up_state, lo_state = self.optimizer.state[upper.lora_B], self.optimizer.state[lower.lora_B]
+            for key in ADAM_MOMENTS:
+                if key in up_state and key in lo_state:
+                    up_state[key].copy_(blend(up_state[key], lo_state[key], lam))
+                    lo_state[key].zero_()
+        means = self.means[merge.module_type]
+        means[merge.representative] = blend(means[merge.representative], means.pop(merge.retired), lam)
+        for pos in merge.upper + merge.lower:
+            layers[pos].tie_to(upper if pos != merge.representative else None)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "observations": self.observations,
+                "means": {m: {str(k): v.clone() for k, v in ms.items()} for m, ms in self.means.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.observations = state["observations"]
+        self.means = {m: {int(k): v.clone() for k, v in ms.items()} for m, ms in state["means"].items()}
+        apply_ties(self.layers, self.policy)
+
+
+def apply_ties(layers: dict[str, list[AdapterLinear]], policy: MergePolicy) -> None:
+    """Point every layer at its group's representative, as the policy's tie map says."""
+    for mtype, group_layers in layers.items():
+        for pos, rep in enumerate(policy.tie_map(mtype)):
+            group_layers[pos].tie_to(group_layers[rep] if rep != pos else None)

@@ -1,0 +1,45 @@
+"""Tiny decoder models built from configs on CPU: no hub, no downloads."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,  # noqa: E402
+                          Qwen2Config, Qwen2ForCausalLM)
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**SMALL, **overrides}))
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
+    """Give every trainable adapter tensor (B included) non-zero values, so tests see them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
