@@ -20,25 +20,24 @@ def train_until_event(merge_distance="raw", lam=0.75):
     history = {m: [[] for _ in ls] for m, ls in merger.layers.items()}
     ids = tokens(batch=4, length=16)
     for step in range(1, 5):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        for m, layers in merger.layers.items():
-            for i, layer in enumerate(layers):
-                history[m][i].append(layer.lora_B.detach().clone())
+        optimizer_step(model, opt, ids, merger, history)
         assert merger.after_step(step) == []  # first event is step 5
     return base, model, opt, merger, history, ids
 
 
-def test_first_event_merges_the_closest_running_means_and_blends_value_and_moments():
-    base, model, opt, merger, history, ids = train_until_event()
-    # step 4 is not an event (3 < 4, (4-3) % 2 != 0); run step 5 by hand
+def optimizer_step(model, opt, ids, merger, history):
+    """One AdamW step; records every layer's own B afterwards (the running-mean input)."""
     model(ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad()
     for m, layers in merger.layers.items():
         for i, layer in enumerate(layers):
             history[m][i].append(layer.lora_B.detach().clone())
+
+
+def test_first_event_merges_the_closest_running_means_and_blends_value_and_moments():
+    base, model, opt, merger, history, ids = train_until_event()
+    optimizer_step(model, opt, ids, merger, history)  # step 5: (5 - 3) % 2 == 0, an event
     snap = {m: [(l.lora_B.detach().clone(), {k: v.clone() for k, v in opt.state[l.lora_B].items()})
                 for l in ls] for m, ls in merger.layers.items()}
     plan = merger.after_step(5)
