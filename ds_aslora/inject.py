@@ -99,8 +99,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     return model
 
 
+LIFTED_BANK = "_lifted_shared_bank"
+
+
 def find_bank(model: nn.Module) -> Optional[SharedBank]:
-    bank = getattr(model, BANK_NAME, None)
+    """The model's SharedBank, registered or lifted out of the module tree for DeepSpeed."""
+    bank = model._modules.get(BANK_NAME) or model.__dict__.get(LIFTED_BANK)
     return bank if isinstance(bank, SharedBank) else None
 
 

@@ -1,0 +1,77 @@
+"""Count the collectives (and bytes) a training step issues, by who issued them.
+
+A thin wrapper over ``torch.distributed``: every collective DeepSpeed or we call goes
+through these functions on CPU/gloo and GPU/NCCL alike. Each call is recorded with its op,
+its payload bytes and its source (``ds_aslora`` when our code issued it, else
+``deepspeed``/``torch``), so tests can assert "the shared bank costs one all-reduce per
+step" and benchmarks can print bytes per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single", "all_gather_object",
+               "broadcast_object_list", "barrier")
+
+
+def _payload(args, kwargs) -> int:
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            tensors += [t for t in a if isinstance(t, torch.Tensor)]
+    return tensors[0].numel() * tensors[0].element_size() if tensors else 0
+
+
+def _source() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("ds_aslora") and not module.endswith("comm_audit"):
+            return "ds_aslora"
+        if module.startswith("deepspeed"):
+            return "deepspeed"
+        frame = frame.f_back
+    return "torch"
+
+
+@dataclass
+class CommRecord:
+    calls: list[tuple[str, str, int]] = field(default_factory=list)  # (source, op, bytes)
+
+    def count(self, source: str | None = None, op: str | None = None) -> int:
+        return sum(1 for s, o, _ in self.calls if source in (None, s) and op in (None, o))
+
+    def bytes(self, source: str | None = None) -> int:
+        return sum(b for s, _, b in self.calls if source in (None, s))
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(f"{s}.{o}" for s, o, _ in self.calls))
+
+
+@contextlib.contextmanager
+def audit_collectives() -> Iterator[CommRecord]:
+    """Within the block, record every torch.distributed collective this process issues."""
+    record = CommRecord()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            record.calls.append((_source(), name, _payload(args, kwargs)))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield record
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
