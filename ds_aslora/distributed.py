@@ -84,16 +84,42 @@ def zero3_persistence(model: nn.Module, ds_config: dict) -> dict:
     return ds_config
 
 
-def initialize(model: nn.Module, ds_config: dict) -> tuple[Any, Optional[ReplicatedBank]]:
-    """``deepspeed.initialize`` over the per-layer adapters; the bank replicated beside it."""
-    bank = lift_bank(model)
+SHARED_MODES = ("replicated", "engine")
+
+
+def refuse_reentrant_checkpointing(model: nn.Module) -> None:
+    """A shared tensor read inside several reentrant checkpoint segments gets its gradient
+    reduced once per segment: ZeRO-2 asserts, ZeRO-3 silently overwrites (deepspeed-notes E2,
+    DS#988). Non-reentrant checkpointing (transformers' default) is exact on every stage."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            if getattr(func, "keywords", {}).get("use_reentrant", True):
+                raise ValueError("reentrant activation checkpointing cannot train shared adapter tensors "
+                                 "correctly under ZeRO; enable it with use_reentrant=False "
+                                 "(model.activation_checkpointing_enable() does by default)")
+
+
+def initialize(model: nn.Module, ds_config: dict,
+               shared_mode: str = "replicated") -> tuple[Any, Optional[ReplicatedBank]]:
+    """``deepspeed.initialize`` over the per-layer adapters and, per ``shared_mode``, the
+    bank replicated beside the engine (``replicated``, the product shape) or registered
+    inside it like any parameter (``engine``: exact joint clipping; the reference in tests).
+    Returns ``(engine, replicated_bank_or_None)``."""
+    if shared_mode not in SHARED_MODES:
+        raise ValueError(f"shared_mode must be one of {list(SHARED_MODES)}, got {shared_mode!r}")
+    bank = find_bank(model)
+    if bank is not None and list(bank.parameters()):
+        refuse_reentrant_checkpointing(model)
+    if shared_mode == "replicated":
+        bank = lift_bank(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (e.g. sharelora "
-                         "share=AB keeps every trainable tensor in the shared bank)")
+        raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (sharelora share=AB "
+                         "keeps every trainable tensor in the shared bank): use shared_mode='engine'")
     ds_config = zero3_persistence(model, ds_config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-    if bank is None or not list(bank.parameters()):
+    if shared_mode == "engine" or bank is None or not list(bank.parameters()):
         return engine, None
     bank.to(engine.device)
     opt = ds_config.get("optimizer", {}).get("params", {})

@@ -16,6 +16,7 @@ METHODS = {
     "lora": dict(method="lora"),
     "shareA": dict(method="sharelora", share="A"),
     "shareB": dict(method="sharelora", share="B"),
+    "shareAB": dict(method="sharelora", share="AB"),
     "aslora": dict(method="aslora"),
 }
 
@@ -55,7 +56,7 @@ def ds_config(stage, ga, world):
             "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
 
 
-def ds_worker(rank, method, stage, ga, checkpointing):
+def ds_worker(rank, method, stage, ga, checkpointing, shared_mode="replicated"):
     import deepspeed.comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -66,7 +67,7 @@ def ds_worker(rank, method, stage, ga, checkpointing):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    engine, bank = initialize(model, ds_config(stage, ga, world))
+    engine, bank = initialize(model, ds_config(stage, ga, world), shared_mode)
     losses = []
     for step in range(STEPS):
         ids = global_batch(step, world, ga)
@@ -94,9 +95,9 @@ def ds_worker(rank, method, stage, ga, checkpointing):
     return weights, losses
 
 
-def assert_parity(method, stage, world, ga, checkpointing=False):
+def assert_parity(method, stage, world, ga, checkpointing=False, shared_mode="replicated"):
     expected_w, expected_losses = reference(method, world, ga)
-    results = run_ranks(ds_worker, world, method, stage, ga, checkpointing)
+    results = run_ranks(ds_worker, world, method, stage, ga, checkpointing, shared_mode)
     for weights, losses in results:
         assert weights.keys() == expected_w.keys()
         for name, value in expected_w.items():
@@ -120,3 +121,25 @@ def test_stages_match_reference_on_two_ranks_with_accumulation(method, stage):
 ])
 def test_world_sizes_and_checkpointing_match_reference(method, stage, world, ga, ckpt):
     assert_parity(method, stage, world, ga, ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, stage", [("shareAB", 3), ("shareA", 2)])
+def test_engine_mode_registers_shared_tensors_inside_deepspeed(method, stage):
+    assert_parity(method, stage, world=2, ga=2, shared_mode="engine")
+
+
+def test_replicated_mode_explains_what_to_do_without_per_layer_tensors():
+    from ds_aslora.distributed import initialize
+
+    with pytest.raises(ValueError, match="shared_mode='engine'"):
+        initialize(adapted("shareAB"), ds_config(0, 1, 1))
+
+
+def test_reentrant_checkpointing_with_shared_tensors_is_refused():
+    from ds_aslora.distributed import initialize
+
+    model = adapted("shareA")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        initialize(model, ds_config(2, 1, 1))

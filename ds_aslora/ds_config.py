@@ -1,0 +1,84 @@
+"""DeepSpeed JSON configs: load one and fill its ``"auto"`` values from the run's settings.
+
+The shipped ``ds_configs/*.json`` leave batch sizes, optimizer and scheduler numbers,
+precision and TensorBoard paths as ``"auto"``, so one file serves every model and run; the
+values come from one place (our run config) and an ``"auto"`` left without a value is an
+error naming its key, never a silent DeepSpeed default.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Mapping
+
+AUTO = "auto"
+
+
+def load_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config {path!r} not found (shipped ones are in ds_configs/)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from err
+
+
+def auto_paths(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of every ``"auto"`` value."""
+    out = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += auto_paths(value, path + ".")
+        elif value == AUTO:
+            out.append(path)
+    return out
+
+
+def fill_auto(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
+    """A copy of ``config`` with each ``"auto"`` at path P replaced by ``values[P]``.
+    Explicit values in the file win; an ``"auto"`` with no value raises."""
+    filled = copy.deepcopy(dict(config))
+    missing = []
+    for path in auto_paths(filled):
+        if path not in values:
+            missing.append(path)
+            continue
+        *parents, leaf = path.split(".")
+        node = filled
+        for key in parents:
+            node = node[key]
+        node[leaf] = values[path]
+    if missing:
+        raise ValueError(f"DeepSpeed config keys set to \"auto\" that this run cannot fill: {missing}")
+    return filled
+
+
+def auto_values(*, micro_batch: int, grad_accum: int, world_size: int, lr: float, weight_decay: float = 0.0,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip: float = 1.0,
+                bf16: bool = False, total_steps: int = 1000, warmup_steps: int = 0,
+                tensorboard_dir: str | None = None, job_name: str = "ds_aslora", hidden_size: int = 4096) -> dict:
+    """The values of every ``"auto"`` key the shipped configs use, from run settings."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": clip,
+        "bf16.enabled": bf16,
+        "optimizer.params.lr": lr,
+        "optimizer.params.betas": list(betas),
+        "optimizer.params.eps": eps,
+        "optimizer.params.weight_decay": weight_decay,
+        "scheduler.params.total_num_steps": max(total_steps, warmup_steps + 1),
+        "scheduler.params.warmup_num_steps": warmup_steps,
+        "tensorboard.enabled": tensorboard_dir is not None,
+        "tensorboard.output_path": tensorboard_dir or "",
+        "tensorboard.job_name": job_name,
+        # ZeRO-3 sizes as the HF integration derives them from the model width; the
+        # persistence threshold is raised further to cover every adapter tensor.
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
