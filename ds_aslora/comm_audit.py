@@ -1,7 +1,9 @@
 """Count the collectives (and bytes) a training step issues, by who issued them.
 
 A thin wrapper over ``torch.distributed``: every collective DeepSpeed or we call goes
-through these functions on CPU/gloo and GPU/NCCL alike. Each call is recorded with its op,
+through these functions on CPU/gloo and GPU/NCCL alike. DeepSpeed reaches them three ways
+(``torch.distributed.X``, ``distributed_c10d.X``, and the all-gather / reduce-scatter
+functions its comm backend stored at init), so all three are wrapped. Each call is recorded with its op,
 its payload bytes and its source (``ds_aslora`` when our code issued it, else
 ``deepspeed``/``torch``), so tests can assert "the shared bank costs one all-reduce per
 step" and benchmarks can print bytes per step.
@@ -59,8 +61,17 @@ class CommRecord:
 @contextlib.contextmanager
 def audit_collectives() -> Iterator[CommRecord]:
     """Within the block, record every torch.distributed collective this process issues."""
+    from torch.distributed import distributed_c10d
+
     record = CommRecord()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    # (owner, attribute, op name) of every entry point to wrap
+    targets = [(module, name, name) for module in (dist, distributed_c10d) for name in COLLECTIVES
+               if hasattr(module, name)]
+    backend = _deepspeed_backend()
+    if backend is not None:
+        targets += [(backend, "all_gather_function", "all_gather_into_tensor"),
+                    (backend, "reduce_scatter_function", "reduce_scatter_tensor")]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
 
     def wrap(name, fn):
         def counted(*args, **kwargs):
@@ -68,10 +79,19 @@ def audit_collectives() -> Iterator[CommRecord]:
             return fn(*args, **kwargs)
         return counted
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
+    for (owner, attr, op), (_, _, fn) in zip(targets, originals):
+        if fn is not None:
+            setattr(owner, attr, wrap(op, fn))
     try:
         yield record
     finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
+
+
+def _deepspeed_backend():
+    try:
+        from deepspeed.comm import comm
+    except ImportError:
+        return None
+    return getattr(comm, "cdb", None)

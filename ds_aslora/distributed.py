@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import deepspeed
+from deepspeed.utils import log_dist
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -123,6 +124,12 @@ def initialize(model: nn.Module, ds_config: dict,
         return engine, None
     bank.to(engine.device)
     opt = ds_config.get("optimizer", {}).get("params", {})
-    return engine, ReplicatedBank(bank, engine, betas=tuple(opt.get("betas", (0.9, 0.999))),
-                                  eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
-                                  max_norm=float(ds_config.get("gradient_clipping", 0.0)))
+    replicated = ReplicatedBank(bank, engine, betas=tuple(opt.get("betas", (0.9, 0.999))),
+                                eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
+                                max_norm=float(ds_config.get("gradient_clipping", 0.0)))
+    numel = sum(p.numel() for p in replicated.params)
+    clip = (f"clipped by its own grad norm at {replicated.max_norm} (the engine clips the per-layer "
+            f"tensors separately)" if replicated.max_norm > 0 else "not clipped (gradient_clipping is 0)")
+    log_dist(f"shared bank: {len(replicated.params)} tensors, {numel:,} parameters, replicated on every rank, "
+                f"one all-reduce per optimizer step; {clip}", ranks=[0])
+    return engine, replicated

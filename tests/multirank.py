@@ -7,6 +7,7 @@ fails the whole call with its traceback (torch terminates the other ranks), neve
 """
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import tempfile
@@ -45,20 +46,35 @@ def _worker(rank, fn, world_size, port, out_dir, args):
         dist.destroy_process_group()
 
 
+def _remove_shm_buffers(port: int) -> None:
+    # DeepSpeed's CPU shared-memory all-reduce leaves a ~66 MB /dev/shm file per rank and
+    # process group (named by master address and port); without this a suite fills memory.
+    for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+        os.remove(path)
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(fn, world_size, _free_port(), out_dir, args),
-                                 nprocs=world_size, join=False, start_method="fork")
-        deadline = time.monotonic() + timeout
         try:
-            while not ctx.join(timeout=1.0):  # raises as soon as any rank fails
-                if time.monotonic() > deadline:
-                    for proc in ctx.processes:
-                        proc.kill()
-                    raise TimeoutError(f"{world_size} ranks did not finish within {timeout:.0f} s")
-        except mp.ProcessRaisedException as err:
-            errors = {r: open(os.path.join(out_dir, f"rank{r}.err")).read() for r in range(world_size)
-                      if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))}
-            raise RuntimeError("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))) from err
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+            return _run(fn, world_size, port, out_dir, args, timeout)
+        finally:
+            _remove_shm_buffers(port)
+
+
+def _run(fn, world_size, port, out_dir, args, timeout):
+    ctx = mp.start_processes(_worker, args=(fn, world_size, port, out_dir, args),
+                             nprocs=world_size, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):  # raises as soon as any rank fails
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"{world_size} ranks did not finish within {timeout:.0f} s")
+    except mp.ProcessRaisedException as err:
+        errors = {r: open(os.path.join(out_dir, f"rank{r}.err")).read() for r in range(world_size)
+                  if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))}
+        raise RuntimeError("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))) from err
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
