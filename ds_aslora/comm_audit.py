@@ -3,8 +3,8 @@
 A thin wrapper over ``torch.distributed``: every collective DeepSpeed or we call goes
 through these functions on CPU/gloo and GPU/NCCL alike. DeepSpeed reaches them three ways
 (``torch.distributed.X``, ``distributed_c10d.X``, and the all-gather / reduce-scatter
-functions its comm backend stored at init), so all three are wrapped. Each call is recorded with its op,
-its payload bytes and its source (``ds_aslora`` when our code issued it, else
+functions its comm backend stored at init), so all three are wrapped. Each call is
+recorded with its op, its payload bytes and its source (``ds_aslora`` when our code issued it, else
 ``deepspeed``/``torch``), so tests can assert "the shared bank costs one all-reduce per
 step" and benchmarks can print bytes per step.
 """
@@ -25,11 +25,11 @@ COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_in
 
 
 def _payload(args, kwargs) -> int:
-    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            tensors += [t for t in a if isinstance(t, torch.Tensor)]
-    return tensors[0].numel() * tensors[0].element_size() if tensors else 0
+    """Bytes of the first tensor argument, else of the first tensor inside a list argument."""
+    values = (*args, *kwargs.values())
+    lists = (t for a in values if isinstance(a, (list, tuple)) for t in a)
+    tensor = next((t for t in (*values, *lists) if isinstance(t, torch.Tensor)), None)
+    return tensor.numel() * tensor.element_size() if tensor is not None else 0
 
 
 def _source() -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import deepspeed
-from deepspeed.utils import log_dist
 import torch
 import torch.distributed as dist
+from deepspeed.utils import log_dist
 from torch import nn
 
 from .bank import SharedBank
@@ -46,7 +46,7 @@ class ReplicatedBank:
 
     def reduce(self) -> None:
         """After backward: at the accumulation boundary, one all-reduce of every bank grad."""
-        if not self.engine.is_gradient_accumulation_boundary() or not self.params:
+        if not self.engine.is_gradient_accumulation_boundary():
             return
         # The lr this optimizer step uses; engine.step() advances the scheduler after it.
         self._boundary_lr = self.engine.get_lr()[0]
@@ -110,17 +110,18 @@ def initialize(model: nn.Module, ds_config: dict,
     if shared_mode not in SHARED_MODES:
         raise ValueError(f"shared_mode must be one of {list(SHARED_MODES)}, got {shared_mode!r}")
     bank = find_bank(model)
-    if bank is not None and list(bank.parameters()):
+    has_shared = bank is not None and any(True for _ in bank.parameters())
+    if has_shared:
         refuse_reentrant_checkpointing(model)
     if shared_mode == "replicated":
-        bank = lift_bank(model)
+        lift_bank(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (sharelora share=AB "
                          "keeps every trainable tensor in the shared bank): use shared_mode='engine'")
     ds_config = zero3_persistence(model, ds_config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-    if shared_mode == "engine" or bank is None or not list(bank.parameters()):
+    if shared_mode == "engine" or not has_shared:
         return engine, None
     bank.to(engine.device)
     opt = ds_config.get("optimizer", {}).get("params", {})
@@ -131,5 +132,5 @@ def initialize(model: nn.Module, ds_config: dict,
     clip = (f"clipped by its own grad norm at {replicated.max_norm} (the engine clips the per-layer "
             f"tensors separately)" if replicated.max_norm > 0 else "not clipped (gradient_clipping is 0)")
     log_dist(f"shared bank: {len(replicated.params)} tensors, {numel:,} parameters, replicated on every rank, "
-                f"one all-reduce per optimizer step; {clip}", ranks=[0])
+             f"one all-reduce per optimizer step; {clip}", ranks=[0])
     return engine, replicated
