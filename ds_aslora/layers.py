@@ -92,6 +92,11 @@ class AdapterLinear(nn.Module):
         dtype = own.dtype if own is not None else x.dtype
         x = x.to(dtype)
         delta = F.linear(F.linear(self.lora_dropout(x), A.to(dtype)), B.to(dtype))  # (..., r) -> (..., d_out)
+        if self._tie:
+            # A retired B keeps a zero-weight use: every ZeRO stage then gives it an exact zero
+            # gradient (ZeRO-3 would re-apply the last gradient partition of a parameter that
+            # stops being used, every step), and ZeRO-3's fetch trace does not change at a merge.
+            delta = delta + self.lora_B.sum().to(dtype) * 0.0
         return (result + delta * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:

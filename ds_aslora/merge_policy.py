@@ -112,12 +112,11 @@ class MergePolicy:
             if budget == 0:
                 continue
             dist = sq_distances[mtype]
-            groups = self.groups[mtype]
-            if dist.shape != (len(groups), len(groups)) or not torch.isfinite(dist).all():
-                raise ValueError(f"{mtype}: need a finite {len(groups)}x{len(groups)} distance "
-                                 f"matrix, got shape {tuple(dist.shape)}")
-            order = sorted(self.candidate_pairs(mtype),
-                           key=lambda p: (float(dist[p]), groups[p[0]][-1], groups[p[1]][-1]))
+            groups, pairs = self.groups[mtype], self.candidate_pairs(mtype)
+            if dist.shape != (len(groups), len(groups)) or not all(torch.isfinite(dist[p]) for p in pairs):
+                raise ValueError(f"{mtype}: need a {len(groups)}x{len(groups)} distance matrix, finite "
+                                 f"at every candidate pair, got shape {tuple(dist.shape)}")
+            order = sorted(pairs, key=lambda p: (float(dist[p]), groups[p[0]][-1], groups[p[1]][-1]))
             used: set[int] = set()
             for lo, up in order:
                 if len(used) == 2 * budget:

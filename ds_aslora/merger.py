@@ -75,19 +75,10 @@ class LocalMerger:
         return out
 
     def _apply(self, merge: Merge) -> None:
-        layers, lam = self.layers[merge.module_type], self.cfg.merge_lam
-        upper, lower = layers[merge.representative], layers[merge.retired]
-        upper.lora_B.copy_(blend(upper.lora_B, lower.lora_B, lam))
-        if self.optimizer is not None:
-            up_state, lo_state = self.optimizer.state[upper.lora_B], self.optimizer.state[lower.lora_B]
-            for key in ADAM_MOMENTS:
-                if key in up_state and key in lo_state:
-                    up_state[key].copy_(blend(up_state[key], lo_state[key], lam))
-                    lo_state[key].zero_()
-        means = self.means[merge.module_type]
-        means[merge.representative] = blend(means[merge.representative], means.pop(merge.retired), lam)
-        for pos in merge.upper + merge.lower:
-            layers[pos].tie_to(upper if pos != merge.representative else None)
+        layers = self.layers[merge.module_type]
+        blend_torch_state(layers[merge.representative].lora_B, layers[merge.retired].lora_B,
+                          self.optimizer, self.cfg.merge_lam)
+        fold_group(layers, self.means[merge.module_type], merge, self.cfg.merge_lam)
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "observations": self.observations,
@@ -105,3 +96,27 @@ def apply_ties(layers: dict[str, list[AdapterLinear]], policy: MergePolicy) -> N
     for mtype, group_layers in layers.items():
         for pos, rep in enumerate(policy.tie_map(mtype)):
             group_layers[pos].tie_to(group_layers[rep] if rep != pos else None)
+
+
+@torch.no_grad()
+def blend_torch_state(upper: torch.Tensor, lower: torch.Tensor, optimizer: Optional[torch.optim.Optimizer],
+                      lam: float) -> None:
+    """On full tensors of a torch optimizer: the representative's value and Adam moments
+    become the lam blend; the retired tensor's moments are zeroed (it gets no more gradient)."""
+    upper.copy_(blend(upper, lower, lam))
+    if optimizer is None:
+        return
+    up_state, lo_state = optimizer.state[upper], optimizer.state[lower]
+    for key in ADAM_MOMENTS:
+        if key in up_state and key in lo_state:
+            up_state[key].copy_(blend(up_state[key], lo_state[key], lam))
+            lo_state[key].zero_()
+
+
+def fold_group(layers: list[AdapterLinear], means: dict[int, torch.Tensor], merge: Merge, lam: float) -> None:
+    """After the values are blended: the merged group's running mean is the lam blend of the
+    two, and every layer of the group uses the representative's B."""
+    means[merge.representative] = blend(means[merge.representative], means.pop(merge.retired), lam)
+    representative = layers[merge.representative]
+    for pos in merge.upper + merge.lower:
+        layers[pos].tie_to(representative if pos != merge.representative else None)

@@ -1,0 +1,202 @@
+"""MergeCoordinator: ASLoRA's adaptive B merges on every rank of a DeepSpeed job, in agreement.
+
+Per applied optimizer step each rank folds its flat slice of every live B group into a
+running mean (the slice ZeRO-3 gives it; stages 0-2 cut the working copy the same way), so
+no rank holds every full mean. At a merge event:
+  1. each rank computes its partial squared distances for the candidate pairs and ONE
+     all-reduce sums them (sharded_distance; exact, raw or effective);
+  2. MergePolicy derives the plan from the summed matrix, the same on every rank;
+  3. ONE all-gather of a hash of (step, plan) checks that; a mismatch raises the same
+     error on every rank (no rank goes on into collectives the others skip);
+  4. each merge rewrites the representative's fp32 value and Adam moments to the lam
+     blend, zeroes the retired moments and refreshes the working copy (zero_state), then
+     ties the lower group to the representative (the optimizer layout never changes).
+Call ``after_step()`` after every ``engine.step()``; it acts only once per applied step.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import log_dist
+
+from .count import count_trainable
+from .inject import adapter_config
+from .merge_policy import Merge, MergePolicy, update_running_mean
+from .merger import apply_ties, fold_group, layers_by_type
+from .sharded_distance import FlatSlice, combine, gram_factor, local_terms
+from .zero_state import state_access
+
+
+class MergeDisagreement(RuntimeError):
+    """Ranks derived different merge plans; raised on every rank alike."""
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class MergeCoordinator:
+    """Args:
+        engine: the DeepSpeed engine of an ``method="aslora"`` model.
+        perturb_plan: test hook, applied to this rank's plan before the agreement check.
+    """
+
+    def __init__(self, engine: Any, perturb_plan: Optional[Callable[[list[Merge]], list[Merge]]] = None):
+        self.engine = engine
+        self.cfg = adapter_config(engine.module)
+        if self.cfg.method != "aslora":
+            raise ValueError(f"merging needs method='aslora', the model has {self.cfg.method!r}")
+        self.layers = layers_by_type(engine.module)
+        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()})
+        self.access = state_access(engine)
+        rank, world = _world()
+        self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
+                       for m, ls in self.layers.items()}
+        self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start) for i in range(len(ls))}
+                      for m, ls in self.layers.items()}
+        self.observations = 0
+        self.last_distances: dict[str, torch.Tensor] = {}
+        self.perturb_plan = perturb_plan
+        self._seen_step = engine.global_steps
+        self.initial_trainable = count_trainable(engine.module)
+
+    # -- per step ---------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self) -> list[Merge]:
+        """After ``engine.step()``: once per applied optimizer step, observe the live B
+        groups and, at an event, merge. Returns the merges applied (the same on every rank)."""
+        step = self.engine.global_steps
+        if step == self._seen_step:  # not an accumulation boundary
+            return []
+        self._seen_step = step
+        if not self.engine.was_step_applied():
+            return []
+        self.observations += 1
+        for mtype, layers in self.layers.items():
+            for rep in self.policy.representatives(mtype):
+                value = self.access.local(layers[rep].lora_B, self.slices[mtype])
+                update_running_mean(self.means[mtype][rep], value, self.observations)
+        if not self.policy.is_event(step):
+            return []
+        self.last_distances = self.distances()
+        plan = self.policy.plan(step, self.last_distances)
+        if self.perturb_plan is not None:
+            plan = self.perturb_plan(plan)
+        self.verify(step, plan)
+        for merge in plan:
+            layers = self.layers[merge.module_type]
+            self.access.merge(layers[merge.representative].lora_B, layers[merge.retired].lora_B, self.cfg.merge_lam)
+            fold_group(layers, self.means[merge.module_type], merge, self.cfg.merge_lam)
+        self.policy.apply(plan)
+        self._log(step, plan)
+        return plan
+
+    def distances(self) -> dict[str, torch.Tensor]:
+        """Squared distances between live groups' running means (inf off the candidate pairs),
+        for every module type with merges left, from one all-reduce."""
+        effective = self.cfg.merge_distance == "effective"
+        todo = [m for m in sorted(self.layers) if self.policy.merges_left(m) > 0]
+        terms = []
+        for mtype in todo:
+            means = [self.means[mtype][rep] for rep in self.policy.representatives(mtype)]
+            factor = gram_factor(self._shared_A(mtype)) if effective else None
+            terms.append(local_terms(means, self.policy.candidate_pairs(mtype), self.slices[mtype], factor))
+        summed = _all_reduce(torch.cat(terms)).split([t.numel() for t in terms]) if terms else []
+        out = {}
+        for mtype, chunk in zip(todo, summed):
+            pairs, n = self.policy.candidate_pairs(mtype), len(self.policy.groups[mtype])
+            matrix = torch.full((n, n), float("inf"), dtype=torch.float64)
+            for (i, j), value in zip(pairs, combine(chunk, len(pairs), self.slices[mtype], effective)):
+                matrix[i, j] = matrix[j, i] = value
+            out[mtype] = matrix
+        return out
+
+    def _shared_A(self, mtype: str) -> torch.Tensor:
+        A = self.layers[mtype][0].weight_A
+        if hasattr(A, "ds_id"):  # engine mode under ZeRO-3: the bank's A is partitioned too
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([A]):
+                return A.detach().clone()
+        return A.detach()
+
+    def verify(self, step: int, plan: list[Merge]) -> None:
+        """All ranks must hold the same (step, plan); otherwise every rank raises alike."""
+        rank, world = _world()
+        if world == 1:
+            return
+        text = repr((step, [(m.module_type, m.upper, m.lower, m.distance) for m in plan]))
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+        hashes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(hashes, torch.tensor([digest], dtype=torch.int64))
+        seen = [int(h) for h in hashes]
+        if len(set(seen)) > 1:
+            raise MergeDisagreement(f"ASLoRA merge plans differ across ranks at step {step} (plan hash per rank: "
+                                    f"{seen}); no merge was applied. Every rank must run the same config, model and "
+                                    f"data order.")
+
+    # -- accounting -------------------------------------------------------------------
+    def accounting(self) -> dict:
+        """Live trainable parameters (shared A once, retired B excluded) and the Adam moments
+        that still matter; retired tensors keep their (zeroed) slots, the layout is fixed."""
+        trainable = count_trainable(self.engine.module)
+        return {"trainable": trainable, "live_groups": self.policy.live_groups(),
+                "adam_moment_floats": 2 * trainable,
+                "fraction_of_start": trainable / self.initial_trainable}
+
+    def _log(self, step: int, plan: list[Merge]) -> None:
+        if not plan:
+            return
+        acc = self.accounting()
+        merges = "; ".join(f"{m.module_type} {list(m.lower)}->{list(m.upper)} (distance {m.distance:.4g})"
+                           for m in plan)
+        log_dist(f"ASLoRA merge at step {step}: {merges}. Live B groups {acc['live_groups']}; trainable "
+                 f"{acc['trainable']:,} ({100 * acc['fraction_of_start']:.2f}% of the start); live Adam moments "
+                 f"{acc['adam_moment_floats']:,} floats (retired ones zeroed in place)", ranks=[0])
+
+    # -- checkpoint -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What every rank shares: groups, merge history (steps, distances), observations."""
+        return {"policy": self.policy.state_dict(), "observations": self.observations,
+                "last_distances": {m: d.clone() for m, d in self.last_distances.items()}}
+
+    def local_state_dict(self) -> dict:
+        """This rank's running-mean slices and where they sit in the full tensors."""
+        return {"slices": {m: (s.start, s.stop, s.numel) for m, s in self.slices.items()},
+                "means": {m: {k: v.clone() for k, v in ms.items()} for m, ms in self.means.items()}}
+
+    def load_state_dict(self, state: dict, local_states: list[dict]) -> None:
+        """Restore from ``state_dict()`` and the ``local_state_dict()`` of every rank that
+        saved (any world size: this rank's slices are cut anew from the saved pieces)."""
+        self.policy.load_state_dict(state["policy"])
+        self.observations = state["observations"]
+        self.last_distances = dict(state["last_distances"])
+        self.means = {}
+        for mtype, where in self.slices.items():
+            reps = self.policy.representatives(mtype)
+            full = {rep: torch.zeros(where.numel) for rep in reps}
+            covered = 0
+            for saved in local_states:
+                start, stop, numel = saved["slices"][mtype]
+                if numel != where.numel:
+                    raise ValueError(f"saved merge state has {mtype} B of {numel} elements, this model {where.numel}")
+                covered += stop - start
+                for rep in reps:
+                    full[rep][start:stop] = saved["means"][mtype][rep]
+            if covered != where.numel:
+                raise ValueError(f"saved running means cover {covered} of {where.numel} elements of {mtype}: "
+                                 f"a rank's merge-state file is missing")
+            self.means[mtype] = {rep: where.take(full[rep]).clone() for rep in reps}
+        apply_ties(self.layers, self.policy)
+        self._seen_step = self.engine.global_steps

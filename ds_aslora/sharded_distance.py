@@ -1,0 +1,94 @@
+"""Exact distances between B running means when each rank holds one flat slice of every B.
+
+ZeRO-3 partitions each parameter on its own: the flattened tensor is cut into
+``world_size`` pieces of ``ceil(numel / world_size)`` (the last one padded), so every B of
+one shape is sliced at the same offsets on a rank. Elementwise work (running means, lam
+blends) then needs no communication, and a squared distance is a sum of per-rank partial
+sums, summed by one all-reduce per merge event.
+
+Raw distance ``||m_i - m_j||_F^2`` is elementwise. The effective distance
+``||(m_i - m_j) A||_F^2 = sum over rows of ||d_row L||^2`` (``L L^T = A A^T``, r x r) is
+a sum over *rows*; a row that a slice boundary cuts ("cut row") is split across ranks, so
+each rank contributes its part of ``d_row L`` (r numbers) and those are summed before
+squaring. Both travel in the same all-reduced vector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlatSlice:
+    """This rank's part ``[start, stop)`` of a flattened (d_out, row) tensor, ZeRO-3's cut."""
+
+    numel: int
+    row: int
+    rank: int
+    world: int
+
+    @property
+    def part(self) -> int:
+        return -(-self.numel // self.world)
+
+    @property
+    def start(self) -> int:
+        return min(self.rank * self.part, self.numel)
+
+    @property
+    def stop(self) -> int:
+        return min(self.start + self.part, self.numel)
+
+    def cut_rows(self) -> list[int]:
+        """Rows split between ranks, identical on every rank."""
+        bounds = (q * self.part for q in range(1, self.world))
+        return sorted({b // self.row for b in bounds if b < self.numel and b % self.row})
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        return full.reshape(-1)[self.start:self.stop]
+
+
+def gram_factor(A: torch.Tensor) -> torch.Tensor:
+    """``L`` (r x r, float64) with ``L L^T = A A^T``; eigh, so a rank-deficient A is fine."""
+    A = A.detach().double()
+    w, V = torch.linalg.eigh(A @ A.T)
+    return V * w.clamp(min=0).sqrt()
+
+
+def local_terms(means: list[torch.Tensor], pairs: list[tuple[int, int]], where: FlatSlice,
+                factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's share of the squared distance of each pair, as one float64 vector to be
+    summed across ranks: ``len(pairs)`` partial sums, then (effective only) the cut rows'
+    projections, ``len(pairs) x len(cut_rows) x row``. ``means`` are local slices."""
+    cuts = where.cut_rows() if factor is not None else []
+    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    proj = torch.zeros(len(pairs), len(cuts), where.row, dtype=torch.float64)
+    if where.stop > where.start:
+        first = where.start // where.row
+        rows = (where.stop - 1) // where.row - first + 1
+        local_cuts = [(k, c - first) for k, c in enumerate(cuts) if 0 <= c - first < rows]
+        whole = torch.ones(rows, dtype=torch.bool)
+        whole[[row for _, row in local_cuts]] = False
+        offset = where.start - first * where.row
+        for p, (i, j) in enumerate(pairs):
+            diff = (means[i] - means[j]).double()  # as squared_distances does
+            if factor is None:
+                sums[p] = diff.pow(2).sum()
+                continue
+            padded = torch.zeros(rows * where.row, dtype=torch.float64)
+            padded[offset:offset + diff.numel()] = diff
+            y = padded.view(rows, where.row) @ factor
+            sums[p] = y[whole].pow(2).sum()
+            for k, row in local_cuts:
+                proj[p, k] = y[row]
+    return torch.cat([sums, proj.reshape(-1)])
+
+
+def combine(summed: torch.Tensor, n_pairs: int, where: FlatSlice, effective: bool) -> torch.Tensor:
+    """Squared distance per pair from the all-reduced ``local_terms`` vector."""
+    n_cuts = len(where.cut_rows()) if effective else 0
+    proj = summed[n_pairs:].view(n_pairs, n_cuts, where.row)
+    return summed[:n_pairs] + proj.pow(2).sum(dim=(1, 2))
+

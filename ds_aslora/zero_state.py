@@ -1,0 +1,109 @@
+"""Where a per-layer B's fp32 value and Adam moments live under each ZeRO stage.
+
+Two operations, the only ones a merge coordinator needs:
+  - ``local(param, where)``: this rank's flat slice of the value, for running means
+    (no communication on any stage);
+  - ``merge(upper, lower, lam)``: the representative's fp32 value and both Adam moments
+    become the lam blend, the retired tensor's moments become zero, and the working copy
+    the forward reads is refreshed on every rank.
+
+Stage 0 (fp32) keeps everything in a torch optimizer on every rank. Stages 1-2 partition
+fp32 master and moments into flat fragments that cut parameters anywhere, so a merge
+gathers full tensors (``deepspeed.utils.safe_get_full_*``, one all-reduce each). Stage 3
+partitions each parameter on its own, so same-shape B slices line up and the blend is done
+on local slices with no communication; only the working-copy refresh gathers. The
+``safe_*`` functions are collectives and valid only after the first optimizer step and at
+an accumulation boundary (deepspeed-notes E7/E8): the coordinator calls ``merge`` there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .merge_policy import blend
+from .merger import ADAM_MOMENTS, blend_torch_state
+from .sharded_distance import FlatSlice
+
+
+class WorkingCopySlices:
+    """Stages 0-2: every rank holds the whole working copy, so a running-mean slice is read
+    from it (equal to the fp32 master in fp32 training; in bf16 it is what the forward uses)."""
+
+    @staticmethod
+    def local(param: torch.Tensor, where: FlatSlice) -> torch.Tensor:
+        return where.take(param.detach()).float()
+
+
+class TorchState(WorkingCopySlices):
+    """ZeRO-0 in fp32: ``engine.optimizer`` is the torch optimizer; every rank holds all."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
+        blend_torch_state(upper, lower, self.optimizer, lam)
+
+
+class FragmentState(WorkingCopySlices):
+    """ZeRO-1/2 (and bf16 ZeRO-0's BF16_Optimizer): fp32 fragments behind ``_hp_mapping``."""
+
+    @torch.no_grad()
+    def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+        value = blend(safe_get_full_fp32_param(upper), safe_get_full_fp32_param(lower), lam)
+        safe_set_full_fp32_param(upper, value)  # writes only this rank's fragment
+        upper.data.copy_(value.to(upper.dtype))
+        for key in ADAM_MOMENTS:
+            moment = blend(safe_get_full_optimizer_state(upper, key), safe_get_full_optimizer_state(lower, key), lam)
+            safe_set_full_optimizer_state(upper, moment, key)
+            safe_set_full_optimizer_state(lower, torch.zeros_like(moment), key)
+
+
+class Zero3State:
+    """ZeRO-3: each B is partitioned on its own into ``ceil(numel / world)`` slices."""
+
+    @staticmethod
+    def local(param: torch.Tensor, where: FlatSlice) -> torch.Tensor:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        if param.ds_tensor.numel() != where.part:
+            raise RuntimeError(f"ZeRO-3 slice of {tuple(param.ds_shape)} has {param.ds_tensor.numel()} elements, "
+                               f"expected {where.part}: the partition group must span every rank")
+        return safe_get_local_fp32_param(param)[:where.stop - where.start]
+
+    @torch.no_grad()
+    def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
+        import deepspeed
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
+                                     safe_get_local_optimizer_state, safe_set_local_fp32_param,
+                                     safe_set_local_optimizer_state)
+
+        safe_set_local_fp32_param(upper, blend(safe_get_local_fp32_param(upper), safe_get_local_fp32_param(lower), lam))
+        for key in ADAM_MOMENTS:
+            lo = safe_get_local_optimizer_state(lower, key)
+            safe_set_local_optimizer_state(upper, blend(safe_get_local_optimizer_state(upper, key), lo, lam), key)
+            safe_set_local_optimizer_state(lower, torch.zeros_like(lo), key)
+        # The working copy (and its partitions) from the new fp32 value: gather, then
+        # rank 0 writes and GatheredParameters broadcasts and re-partitions it.
+        value = safe_get_full_fp32_param(upper)
+        with deepspeed.zero.GatheredParameters([upper], modifier_rank=0):
+            if dist.get_rank() == 0:
+                upper.data.copy_(value.to(upper.dtype))
+
+
+def state_access(engine: Any) -> WorkingCopySlices | Zero3State:
+    """The accessor for ``engine``'s ZeRO stage and optimizer."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        return Zero3State()
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if params and hasattr(params[0], "_hp_mapping"):
+        return FragmentState()
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        return TorchState(engine.optimizer)
+    raise ValueError(f"ASLoRA merges cannot rewrite the optimizer state of {type(engine.optimizer).__name__} "
+                     f"at ZeRO stage {stage}: train in fp32 or bf16, or use ZeRO stage 1-3")
