@@ -60,6 +60,8 @@ class MergeCoordinator:
         self.layers = layers_by_type(engine.module)
         self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()})
         self.access = state_access(engine)
+        if engine.zero_optimization_stage() == 3:
+            self._keep_resident()
         rank, world = _world()
         self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
                        for m, ls in self.layers.items()}
@@ -70,6 +72,16 @@ class MergeCoordinator:
         self.perturb_plan = perturb_plan
         self._seen_step = engine.global_steps
         self.initial_trainable = count_trainable(engine.module)
+
+    def _keep_resident(self) -> None:
+        """ZeRO-3: any B may come to be read by other layers (ties). Such a read is not
+        registered with DeepSpeed when the B is resident (persistent), so while a fetch
+        trace is being recorded (first step, and the first step after a resume) the owner
+        would free it between the tied layer's forward and backward. DeepSpeed never frees
+        a parameter flagged as external on module exit; the flag leaves the trace as it is."""
+        for layers in self.layers.values():
+            for layer in layers:
+                layer.lora_B.is_external_param = True
 
     # -- per step ---------------------------------------------------------------------
     @torch.no_grad()

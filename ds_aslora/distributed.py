@@ -74,6 +74,21 @@ class ReplicatedBank:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+    def state_dict(self) -> dict:
+        """Bank values and AdamW state (identical on every rank: save rank 0's)."""
+        return {"tensors": {k: self.bank.get(k).detach().clone() for k in self.bank.keys()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["tensors"]) != set(self.bank.keys()):
+            raise ValueError(f"checkpoint's shared tensors {sorted(state['tensors'])} do not match this "
+                             f"model's {sorted(self.bank.keys())}: different method, targets or scope")
+        with torch.no_grad():
+            for key, value in state["tensors"].items():
+                self.bank.get(key).copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 def zero3_persistence(model: nn.Module, ds_config: dict) -> dict:
     """Keep every per-layer adapter tensor persistent under ZeRO-3, so re-ties after merges
     never break the parameter-fetch trace (deepspeed-notes E6)."""

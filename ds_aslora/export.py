@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .config import AdapterConfig
 from .inject import BANK_NAME, adapter_config, adapter_layers, find_bank, inject_adapters, module_type
 
@@ -31,15 +32,16 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write(out_dir: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write weights, then config, into ``out_dir`` via a temporary name each, so an
-    interrupted export never leaves a half-written file under the final name."""
+    """Weights, then config, each via a temporary name (an interrupted export never leaves
+    a half-written file under the final name)."""
     os.makedirs(out_dir, exist_ok=True)
-    weights, conf = os.path.join(out_dir, WEIGHTS), os.path.join(out_dir, CONFIG)
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    with open(conf + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(conf + ".tmp", conf)
+
+    def dump_config(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(out_dir, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, CONFIG), dump_config)
 
 
 def _base_name(model: nn.Module, given: Optional[str]) -> Optional[str]:

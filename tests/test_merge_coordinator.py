@@ -118,10 +118,22 @@ def coordinated(rank, options, stage, ga):
     world = dist.get_world_size()
     engine, bank = initialize(adapted(options), ds_config(stage, world, ga))
     merger = MergeCoordinator(engine)
-    events = {}
-    train(engine, bank, merger, rank, world, range(1, STEPS + 1), ga,
-          on_event=lambda step, plan: events.__setitem__(step, (plan_key(plan), full_state(engine))))
-    return events, merger.accounting()
+    events, accounting = {}, {}
+
+    def record(step, plan):
+        events[step] = (plan_key(plan), full_state(engine))
+        accounting[step] = merger.accounting()
+
+    train(engine, bank, merger, rank, world, range(1, STEPS + 1), ga, on_event=record)
+    return events, accounting
+
+
+R, D_IN, D_OUT = 4, {"q_proj": 33, "v_proj": 33, "down_proj": 64}, {"q_proj": 24, "v_proj": 8, "down_proj": 33}
+
+
+def formula(live_groups):
+    """methods.md 1.4: one A per module type plus g_m live B groups of r x d_out."""
+    return sum(R * D_IN[m] + g * R * D_OUT[m] for m, g in live_groups.items())
 
 
 def assert_same_events(events, expected):
@@ -141,8 +153,11 @@ def test_merges_match_the_single_process_reference(stage, world):
     assert sorted(expected) == [4, 6, 8]
     for events, accounting in run_ranks(coordinated, world, "raw-adjacent", stage, 1):
         assert_same_events(events, expected)
-        assert accounting["trainable"] == trainable
-        assert accounting["live_groups"] == {"q_proj": 1, "v_proj": 1, "down_proj": 1}
+        live = {step: acc["live_groups"] for step, acc in accounting.items()}
+        assert live == {4: dict.fromkeys(D_IN, 3), 6: dict.fromkeys(D_IN, 2), 8: dict.fromkeys(D_IN, 1)}
+        for acc in accounting.values():
+            assert acc["trainable"] == formula(acc["live_groups"])
+        assert accounting[8]["trainable"] == trainable == 780
 
 
 @pytest.mark.slow
@@ -152,3 +167,30 @@ def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga):
     assert {s: len(plan) for s, (plan, _) in expected.items()} == {4: 6, 6: 3}  # 2 then 1 per module type
     for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga):
         assert_same_events(events, expected)
+
+
+def disagreeing(rank, stage):
+    import deepspeed.comm as dist
+
+    from ds_aslora.coordinator import MergeCoordinator, MergeDisagreement
+    from ds_aslora.distributed import initialize
+
+    world = dist.get_world_size()
+    engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, world))
+    drop_last = (lambda plan: plan[:-1]) if rank == world - 1 else None  # one rank's plan differs
+    merger = MergeCoordinator(engine, perturb_plan=drop_last)
+    start = time.monotonic()
+    with pytest.raises(MergeDisagreement) as info:
+        train(engine, bank, merger, rank, world, range(1, STEPS + 1))
+    return str(info.value), time.monotonic() - start, engine.global_steps, merger.policy.live_groups()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, world", [(3, 2), (1, 4)])
+def test_a_disagreeing_rank_makes_every_rank_fail_alike(stage, world):
+    results = run_ranks(disagreeing, world, stage, timeout=120)
+    messages = {message for message, *_ in results}
+    assert len(messages) == 1 and "plans differ across ranks at step 4" in messages.pop()
+    for _, seconds, step, live in results:
+        assert seconds < 30 and step == 4  # four short steps, then the check: no hang
+        assert live == {"q_proj": 4, "v_proj": 4, "down_proj": 4}  # nothing was applied

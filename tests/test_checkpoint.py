@@ -1,0 +1,106 @@
+"""Save after a merge, resume in a fresh job: the run continues exactly as if uninterrupted.
+
+Each phase is its own set of processes (a fresh job). The checkpoint holds DeepSpeed's
+state, the replicated bank with its AdamW state and the merge coordinator's state (tie
+map, running-mean slices, history); a damaged or foreign checkpoint fails clearly.
+"""
+import os
+
+import pytest
+import torch
+
+from multirank import run_ranks
+from test_merge_coordinator import STEPS, adapted, ds_config, full_state, train
+
+SAVE_AT = 5  # one step after the first merge event (step 4)
+
+
+def job(rank, stage, ga, ckpt_dir, phase):
+    import deepspeed.comm as dist
+
+    from ds_aslora.checkpoint import load_checkpoint, save_checkpoint
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    world = dist.get_world_size()
+    engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, world, ga))
+    merger = MergeCoordinator(engine)
+    if phase == "resume":
+        extra = load_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
+        assert extra == {"data_position": SAVE_AT} and engine.global_steps == SAVE_AT
+        steps = range(SAVE_AT + 1, STEPS + 1)
+    else:
+        steps = range(1, (SAVE_AT if phase == "first" else STEPS) + 1)
+    losses = train(engine, bank, merger, rank, world, steps, ga)
+    if phase == "first":
+        save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger, client_state={"data_position": SAVE_AT})
+    state = full_state(engine)
+    state.update({k: bank.bank.get(k).detach().clone() for k in bank.bank.keys()})
+    history = [(m.module_type, m.upper, m.lower, m.step) for m in merger.policy.history]
+    return losses, state, history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, world, resume_world, ga", [(3, 2, 2, 1), (2, 2, 2, 1), (1, 4, 4, 1),
+                                                            (0, 2, 1, 1)])
+def test_resume_after_a_merge_continues_the_uninterrupted_run(tmp_path, stage, world, resume_world, ga):
+    full_losses, full_weights, full_history = run_ranks(job, world, stage, ga, None, "full")[0]
+    run_ranks(job, world, stage, ga, str(tmp_path), "first")
+    # stage 0 holds no partitioned state: the running-mean slices are re-cut for another world size
+    resume_ga = ga * world // resume_world
+    for losses, weights, history in run_ranks(job, resume_world, stage, resume_ga, str(tmp_path), "resume"):
+        assert history == full_history and len(history) == 9
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(full_losses[SAVE_AT:]), rtol=0, atol=1e-5)
+        for name, value in full_weights.items():
+            got, want = (weights[name], value) if isinstance(value, torch.Tensor) else (weights[name][0], value[0])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+
+
+def refuse(rank, ckpt_dir, stage):
+    import deepspeed.comm as dist
+
+    from ds_aslora.checkpoint import load_checkpoint
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, dist.get_world_size()))
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        load_checkpoint(engine, ckpt_dir, bank=bank, merger=MergeCoordinator(engine))
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+def crash_while_saving(rank, ckpt_dir):
+    """Resume, train one step, then rank 1 dies in the middle of the next save."""
+    import deepspeed.comm as dist
+
+    from ds_aslora.checkpoint import load_checkpoint, save_checkpoint
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    engine, bank = initialize(adapted("raw-adjacent"), ds_config(2, dist.get_world_size()))
+    merger = MergeCoordinator(engine)
+    load_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
+    train(engine, bank, merger, rank, dist.get_world_size(), [SAVE_AT + 1])
+    if rank == 1:
+        def boom(*args, **kwargs):
+            raise OSError("simulated crash while writing the checkpoint")
+        engine.save_checkpoint = boom
+    save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_fail_clearly_and_a_crashed_save_keeps_the_last_good_one(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_ranks(job, 2, 2, 1, ckpt, "first")
+    (message,) = run_ranks(refuse, 1, ckpt, 2)
+    assert message.startswith("ValueError") and "written by 2 ranks at ZeRO stage 2" in message
+    (message,) = run_ranks(refuse, 1, str(tmp_path / "nothing"), 2)
+    assert message.startswith("FileNotFoundError") and "latest" in message
+
+    with pytest.raises(Exception, match="simulated crash"):
+        run_ranks(crash_while_saving, 2, ckpt)
+    assert os.path.isdir(os.path.join(ckpt, f"global_step{SAVE_AT + 1}"))  # the torn one
+    assert open(os.path.join(ckpt, "latest")).read() == f"global_step{SAVE_AT}"
+    full_losses, *_ = run_ranks(job, 2, 2, 1, None, "full")[0]
+    losses, *_ = run_ranks(job, 2, 2, 1, ckpt, "resume")[0]  # asserts it resumes at SAVE_AT
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(full_losses[SAVE_AT:]), rtol=0, atol=1e-5)
