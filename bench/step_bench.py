@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ds_aslora import AdapterConfig, count_trainable, inject_adapters
 from ds_aslora.comm_audit import audit_collectives
 from ds_aslora.distributed import initialize
+from ds_aslora.step import micro_step
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -65,12 +66,7 @@ def run_variant(variant, args):
     for step in range(args.warmup + args.steps):
         with audit_collectives() as record:
             start = time.perf_counter()
-            engine.backward(engine(input_ids=ids, labels=ids).loss)
-            if bank:
-                bank.reduce()
-            engine.step()
-            if bank:
-                bank.step()
+            micro_step(engine, {"input_ids": ids, "labels": ids}, bank)
             elapsed = time.perf_counter() - start
         if step >= args.warmup:
             times.append(elapsed)

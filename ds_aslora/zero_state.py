@@ -87,12 +87,15 @@ class Zero3State:
             lo = safe_get_local_optimizer_state(lower, key)
             safe_set_local_optimizer_state(upper, blend(safe_get_local_optimizer_state(upper, key), lo, lam), key)
             safe_set_local_optimizer_state(lower, torch.zeros_like(lo), key)
-        # The working copy (and its partitions) from the new fp32 value: gather, then
-        # rank 0 writes and GatheredParameters broadcasts and re-partitions it.
+        # The working copy and its partitions from the new fp32 value: gather it, rank 0
+        # writes, GatheredParameters broadcasts and re-partitions (freeing the full copy),
+        # then the B is gathered again: it is persistent, and the forward of a tied layer
+        # reads it without DeepSpeed fetching it.
         value = safe_get_full_fp32_param(upper)
         with deepspeed.zero.GatheredParameters([upper], modifier_rank=0):
             if dist.get_rank() == 0:
                 upper.data.copy_(value.to(upper.dtype))
+        upper.all_gather()
 
 
 def state_access(engine: Any) -> WorkingCopySlices | Zero3State:

@@ -78,3 +78,27 @@ def _run(fn, world_size, port, out_dir, args, timeout):
                   if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))}
         raise RuntimeError("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))) from err
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def train_steps(engine, steps, global_batch, micro, *, bank=None, merger=None, on_event=None):
+    """Optimizer steps on this rank's share of each global batch (rows ordered as
+    [accumulation micro-step, rank, row]). Returns the global mean loss of each step."""
+    import deepspeed.comm as dist
+
+    from ds_aslora.step import micro_step
+
+    rank, world, ga = dist.get_rank(), dist.get_world_size(), engine.gradient_accumulation_steps()
+    losses = []
+    for step in steps:
+        ids = global_batch(step)
+        step_loss = 0.0
+        for m in range(ga):
+            chunk = ids.view(ga, world, micro, -1)[m, rank]
+            loss, plan = micro_step(engine, {"input_ids": chunk, "labels": chunk}, bank, merger)
+            step_loss += loss.item() / ga
+            if plan and on_event:
+                on_event(step, plan)
+        total = torch.tensor(step_loss)
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, LocalMerger, count_trainable, inject_adapters
-from multirank import run_ranks
+from multirank import run_ranks, train_steps
 
 STEPS, MICRO, LR = 8, 2, 1e-2
 SHAPE = dict(hidden_size=33, head_dim=8, num_attention_heads=3, num_key_value_heads=1)
@@ -61,7 +61,9 @@ def reference(options, world, ga=1):
 
 def ds_config(stage, world, ga=1):
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga,
-            "train_batch_size": MICRO * ga * world, "zero_optimization": {"stage": stage},
+            "train_batch_size": MICRO * ga * world,
+            # ZeRO-3: no prefetching, so nothing but the fetch logic itself makes a B resident
+            "zero_optimization": {"stage": stage, "stage3_prefetch_bucket_size": 0},
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
             "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
 
@@ -84,29 +86,9 @@ def full_state(engine):
     return out
 
 
-def train(engine, bank, merger, rank, world, steps, ga=1, on_event=None):
-    """Steps ``steps`` (1-based optimizer steps) on this rank's share of the global batch."""
-    import deepspeed.comm as dist
-
-    losses = []
-    for step in steps:
-        ids = batch(step, world, ga)
-        step_loss = 0.0
-        for micro in range(ga):
-            chunk = ids.view(ga, world, MICRO, -1)[micro, rank]
-            loss = engine(chunk, labels=chunk).loss
-            engine.backward(loss)
-            bank.reduce()
-            engine.step()
-            bank.step()
-            plan = merger.after_step()
-            step_loss += loss.item() / ga
-            if plan and on_event:
-                on_event(step, plan)
-        total = torch.tensor(step_loss)
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+def train(engine, bank, merger, world, steps, ga=1, on_event=None):
+    return train_steps(engine, steps, lambda step: batch(step, world, ga), MICRO, bank=bank, merger=merger,
+                       on_event=on_event)
 
 
 def coordinated(rank, options, stage, ga):
@@ -124,7 +106,7 @@ def coordinated(rank, options, stage, ga):
         events[step] = (plan_key(plan), full_state(engine))
         accounting[step] = merger.accounting()
 
-    train(engine, bank, merger, rank, world, range(1, STEPS + 1), ga, on_event=record)
+    train(engine, bank, merger, world, range(1, STEPS + 1), ga, on_event=record)
     return events, accounting
 
 
@@ -181,7 +163,7 @@ def disagreeing(rank, stage):
     merger = MergeCoordinator(engine, perturb_plan=drop_last)
     start = time.monotonic()
     with pytest.raises(MergeDisagreement) as info:
-        train(engine, bank, merger, rank, world, range(1, STEPS + 1))
+        train(engine, bank, merger, world, range(1, STEPS + 1))
     return str(info.value), time.monotonic() - start, engine.global_steps, merger.policy.live_groups()
 
 

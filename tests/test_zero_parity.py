@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, inject_adapters
-from multirank import run_ranks
+from multirank import run_ranks, train_steps
 
 STEPS, MICRO, LR = 3, 2, 1e-2
 METHODS = {
@@ -68,23 +68,7 @@ def ds_worker(rank, method, stage, ga, checkpointing, shared_mode="replicated"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     engine, bank = initialize(model, ds_config(stage, ga, world), shared_mode)
-    losses = []
-    for step in range(STEPS):
-        ids = global_batch(step, world, ga)
-        step_loss = 0.0
-        for micro in range(ga):
-            chunk = ids.view(ga, world, MICRO, -1)[micro, rank]
-            loss = engine(chunk, labels=chunk).loss
-            engine.backward(loss)
-            if bank:
-                bank.reduce()
-            engine.step()
-            if bank:
-                bank.step()
-            step_loss += loss.item() / ga
-        total = torch.tensor(step_loss)
-        dist.all_reduce(total)
-        losses.append(total.item() / world)
+    losses = train_steps(engine, range(STEPS), lambda step: global_batch(step, world, ga), MICRO, bank=bank)
     weights = {}
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
