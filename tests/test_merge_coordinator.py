@@ -59,11 +59,14 @@ def reference(options, world, ga=1):
     return events, count_trainable(model)
 
 
-def ds_config(stage, world, ga=1):
+def ds_config(stage, world, ga=1, offload=False):
+    # ZeRO-3: no prefetching, so nothing but the fetch logic itself makes a B resident
+    zero = {"stage": stage, "stage3_prefetch_bucket_size": 0}
+    if offload:  # fp32 master, moments and parameters on the CPU (torch AdamW: no op build)
+        zero.update(offload_optimizer={"device": "cpu", "pin_memory": False},
+                    offload_param={"device": "cpu", "pin_memory": False})
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga,
-            "train_batch_size": MICRO * ga * world,
-            # ZeRO-3: no prefetching, so nothing but the fetch logic itself makes a B resident
-            "zero_optimization": {"stage": stage, "stage3_prefetch_bucket_size": 0},
+            "train_batch_size": MICRO * ga * world, "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
             "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
 
@@ -91,14 +94,14 @@ def train(engine, bank, merger, world, steps, ga=1, on_event=None):
                        on_event=on_event)
 
 
-def coordinated(rank, options, stage, ga):
+def coordinated(rank, options, stage, ga, offload=False):
     import deepspeed.comm as dist
 
     from ds_aslora.coordinator import MergeCoordinator
     from ds_aslora.distributed import initialize
 
     world = dist.get_world_size()
-    engine, bank = initialize(adapted(options), ds_config(stage, world, ga))
+    engine, bank = initialize(adapted(options), ds_config(stage, world, ga, offload))
     merger = MergeCoordinator(engine)
     events, accounting = {}, {}
 
@@ -143,11 +146,12 @@ def test_merges_match_the_single_process_reference(stage, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, world, ga", [(3, 4, 1), (2, 2, 2), (3, 2, 1), (1, 4, 1)])
-def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga):
+@pytest.mark.parametrize("stage, world, ga, offload", [(3, 4, 1, False), (2, 2, 2, False), (3, 2, 1, True),
+                                                        (1, 4, 1, False), (2, 2, 1, True)])
+def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga, offload):
     expected, _ = reference("effective-all", world, ga)
     assert {s: len(plan) for s, (plan, _) in expected.items()} == {4: 6, 6: 3}  # 2 then 1 per module type
-    for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga):
+    for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga, offload):
         assert_same_events(events, expected)
 
 
