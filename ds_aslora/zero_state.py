@@ -47,7 +47,7 @@ class TorchState(WorkingCopySlices):
 
 
 class FragmentState(WorkingCopySlices):
-    """ZeRO-1/2 (and bf16 ZeRO-0's BF16_Optimizer): fp32 fragments behind ``_hp_mapping``."""
+    """ZeRO-1/2 (and any optimizer wrapper with ``_hp_mapping``): fp32 fragments."""
 
     @torch.no_grad()
     def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
@@ -109,4 +109,5 @@ def state_access(engine: Any) -> WorkingCopySlices | Zero3State:
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         return TorchState(engine.optimizer)
     raise ValueError(f"ASLoRA merges cannot rewrite the optimizer state of {type(engine.optimizer).__name__} "
-                     f"at ZeRO stage {stage}: train in fp32 or bf16, or use ZeRO stage 1-3")
+                     f"at ZeRO stage {stage}: DeepSpeed's half-precision stage-0 optimizers expose no "
+                     f"per-parameter state. Use ZeRO stage 1-3 (any precision) or stage 0 in fp32")

@@ -41,6 +41,10 @@ def plan_key(plan):
     return [(m.module_type, m.upper, m.lower, m.step) for m in plan]
 
 
+def distances(plan):
+    return torch.tensor([m.distance for m in plan], dtype=torch.float64)
+
+
 def reference(options, world, ga=1):
     model = adapted(options)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
@@ -53,7 +57,7 @@ def reference(options, world, ga=1):
         opt.zero_grad()
         plan = merger.after_step(step)
         if plan:
-            events[step] = (plan_key(plan), {
+            events[step] = (plan_key(plan), distances(plan), {
                 n: (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
                 for n, p in model.named_parameters() if p.requires_grad and "shared_bank" not in n})
     return events, count_trainable(model)
@@ -94,19 +98,19 @@ def train(engine, bank, merger, world, steps, ga=1, on_event=None):
                        on_event=on_event)
 
 
-def coordinated(rank, options, stage, ga, offload=False):
+def coordinated(rank, options, stage, ga, offload=False, shared_mode="replicated"):
     import deepspeed.comm as dist
 
     from ds_aslora.coordinator import MergeCoordinator
     from ds_aslora.distributed import initialize
 
     world = dist.get_world_size()
-    engine, bank = initialize(adapted(options), ds_config(stage, world, ga, offload))
+    engine, bank = initialize(adapted(options), ds_config(stage, world, ga, offload), shared_mode)
     merger = MergeCoordinator(engine)
     events, accounting = {}, {}
 
     def record(step, plan):
-        events[step] = (plan_key(plan), full_state(engine))
+        events[step] = (plan_key(plan), distances(plan), full_state(engine))
         accounting[step] = merger.accounting()
 
     train(engine, bank, merger, world, range(1, STEPS + 1), ga, on_event=record)
@@ -123,10 +127,11 @@ def formula(live_groups):
 
 def assert_same_events(events, expected):
     assert events.keys() == expected.keys()
-    for step, (plan, state) in expected.items():
+    for step, (plan, dists, state) in expected.items():
         assert events[step][0] == plan, f"plan at step {step}"
+        torch.testing.assert_close(events[step][1], dists, rtol=1e-6, atol=0)  # float64 sums, other order
         for name, tensors in state.items():
-            for what, got, want in zip(("value", "exp_avg", "exp_avg_sq"), events[step][1][name], tensors):
+            for what, got, want in zip(("value", "exp_avg", "exp_avg_sq"), events[step][2][name], tensors):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"step {step} {name} {what}")
 
 
@@ -146,12 +151,15 @@ def test_merges_match_the_single_process_reference(stage, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, world, ga, offload", [(3, 4, 1, False), (2, 2, 2, False), (3, 2, 1, True),
-                                                        (1, 4, 1, False), (2, 2, 1, True)])
-def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga, offload):
+@pytest.mark.parametrize("stage, world, ga, offload, shared_mode", [
+    (3, 4, 1, False, "replicated"), (2, 2, 2, False, "replicated"), (3, 2, 1, True, "replicated"),
+    (1, 4, 1, False, "replicated"), (2, 2, 1, True, "replicated"),
+    (3, 2, 1, False, "engine"),  # the shared A partitioned inside the engine: gathered for the distance
+])
+def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga, offload, shared_mode):
     expected, _ = reference("effective-all", world, ga)
-    assert {s: len(plan) for s, (plan, _) in expected.items()} == {4: 6, 6: 3}  # 2 then 1 per module type
-    for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga, offload):
+    assert {s: len(plan) for s, (plan, *_) in expected.items()} == {4: 6, 6: 3}  # 2 then 1 per module type
+    for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga, offload, shared_mode):
         assert_same_events(events, expected)
 
 
@@ -180,3 +188,52 @@ def test_a_disagreeing_rank_makes_every_rank_fail_alike(stage, world):
     for _, seconds, step, live in results:
         assert seconds < 30 and step == 4  # four short steps, then the check: no hang
         assert live == {"q_proj": 4, "v_proj": 4, "down_proj": 4}  # nothing was applied
+
+
+def bf16_merge(rank, stage):
+    import deepspeed.comm as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    world = dist.get_world_size()
+    config = {**ds_config(stage, world), "bf16": {"enabled": True}}
+    engine, bank = initialize(adapted("raw-adjacent").to(torch.bfloat16), config)
+    merger = MergeCoordinator(engine)
+    plans = []
+    train(engine, bank, merger, world, range(1, 5), on_event=lambda step, plan: plans.append(plan_key(plan)))
+    stale = []  # the forward must read bf16(fp32 master) right after the merge, on every rank
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad and name.endswith("lora_B"):
+            if not torch.equal(p.detach(), safe_get_full_fp32_param(p).to(torch.bfloat16)):
+                stale.append(name)
+    return plans, stale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_working_copy_is_refreshed_after_a_merge(stage):
+    results = run_ranks(bf16_merge, 2, stage)
+    for plans, stale in results:
+        assert len(plans) == 1 and len(plans[0]) == 3 and stale == []
+
+
+def refused_engines(rank):
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    engine, _ = initialize(adapted("raw-adjacent").to(torch.bfloat16), {**ds_config(0, 1), "bf16": {"enabled": True}})
+    with pytest.raises(ValueError, match="stage 1-3") as half:
+        MergeCoordinator(engine)
+    shared = inject_adapters(tiny_model(**SHAPE), AdapterConfig(method="sharelora", target_modules=["q_proj"]))
+    engine, _ = initialize(shared, ds_config(2, 1))
+    with pytest.raises(ValueError, match="aslora") as method:
+        MergeCoordinator(engine)
+    return str(half.value), str(method.value)
+
+
+@pytest.mark.slow
+def test_half_precision_stage0_and_other_methods_are_refused_before_training():
+    ((half, method),) = run_ranks(refused_engines, 1)
+    assert "no per-parameter state" in half and "'sharelora'" in method
