@@ -208,7 +208,7 @@ class MergeCoordinator:
                     full[rep][start:stop] = saved["means"][mtype][rep]
             if covered != where.numel:
                 raise ValueError(f"saved running means cover {covered} of {where.numel} elements of {mtype}: "
-                                 f"a rank's merge-state file is missing")
+                                 f"merge_means files are missing, or left over from another job in this folder")
             self.means[mtype] = {rep: where.take(full[rep]).clone() for rep in reps}
         apply_ties(self.layers, self.policy)
         self._seen_step = self.engine.global_steps

@@ -5,6 +5,7 @@ state, the replicated bank with its AdamW state and the merge coordinator's stat
 map, running-mean slices, history); a damaged or foreign checkpoint fails clearly.
 """
 import os
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,11 @@ def test_bad_checkpoints_fail_clearly_and_a_crashed_save_keeps_the_last_good_one
     assert message.startswith("ValueError") and "written by 2 ranks at ZeRO stage 2" in message
     (message,) = run_ranks(refuse, 1, str(tmp_path / "nothing"), 2)
     assert message.startswith("FileNotFoundError") and "latest" in message
+    torn = str(tmp_path / "torn")
+    shutil.copytree(ckpt, torn)
+    os.remove(os.path.join(torn, f"global_step{SAVE_AT}", "merge_means_rank00001.pt"))
+    for message in run_ranks(refuse, 2, torn, 2):
+        assert message.startswith("ValueError") and "merge_means files are missing" in message
 
     with pytest.raises(Exception, match="simulated crash"):
         run_ranks(crash_while_saving, 2, ckpt)
