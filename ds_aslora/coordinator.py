@@ -171,6 +171,12 @@ class MergeCoordinator:
         if not plan:
             return
         acc = self.accounting()
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:  # TensorBoard / csv / wandb, on rank 0, x = samples
+            x = self.engine.global_samples
+            monitor.write_events([("Train/ASLoRA/trainable_params", acc["trainable"], x),
+                                  ("Train/ASLoRA/live_B_groups", sum(acc["live_groups"].values()), x),
+                                  ("Train/ASLoRA/merge_distance_min", min(m.distance for m in plan), x)])
         merges = "; ".join(f"{m.module_type} {list(m.lower)}->{list(m.upper)} (distance {m.distance:.4g})"
                            for m in plan)
         log_dist(f"ASLoRA merge at step {step}: {merges}. Live B groups {acc['live_groups']}; trainable "

@@ -237,3 +237,27 @@ def refused_engines(rank):
 def test_half_precision_stage0_and_other_methods_are_refused_before_training():
     ((half, method),) = run_ranks(refused_engines, 1)
     assert "no per-parameter state" in half and "'sharelora'" in method
+
+
+def monitored(rank, out_dir):
+    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.distributed import initialize
+
+    config = {**ds_config(2, 1), "tensorboard": {"enabled": True, "output_path": out_dir, "job_name": "aslora"}}
+    engine, bank = initialize(adapted("raw-adjacent"), config)
+    merger = MergeCoordinator(engine)
+    train(engine, bank, merger, 1, range(1, STEPS + 1))
+    engine.monitor.tb_monitor.summary_writer.flush()
+    return merger.accounting()["trainable"]
+
+
+@pytest.mark.slow
+def test_merge_events_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (trainable,) = run_ranks(monitored, 1, str(tmp_path))
+    events = EventAccumulator(str(tmp_path / "aslora")).Reload()
+    groups = events.Scalars("Train/ASLoRA/live_B_groups")
+    assert [e.step for e in groups] == [4 * MICRO, 6 * MICRO, 8 * MICRO]  # x axis: samples, as DeepSpeed's
+    assert [e.value for e in groups] == [9, 6, 3]
+    assert events.Scalars("Train/ASLoRA/trainable_params")[-1].value == trainable
