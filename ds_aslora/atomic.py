@@ -6,12 +6,22 @@ from typing import Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)``, then rename into ``path`` (atomic on POSIX): a crash leaves
-    either the old file or the new one, never a torn one."""
+    """``write(tmp_path)``, flushed to disk, then renamed into ``path`` (atomic on POSIX) and
+    the folder flushed: a crash, even of the machine, leaves the old file or the new one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,8 +1,10 @@
 """MergeCoordinator: ASLoRA's adaptive B merges on every rank of a DeepSpeed job, in agreement.
 
 Per applied optimizer step each rank folds its flat slice of every live B group into a
-running mean (the slice ZeRO-3 gives it; stages 0-2 cut the working copy the same way), so
-no rank holds every full mean. At a merge event:
+running mean, so no rank holds every full mean: under ZeRO-3 the slice of the fp32 master
+DeepSpeed gives it; under stages 0-2 the same cut of the working copy (the fp32 master in
+fp32 training; in bf16 the bf16 value, so bf16 plans may differ between stages, never
+between ranks). Means and communication buffers live on the engine's device. At an event:
   1. each rank computes its partial squared distances for the candidate pairs and ONE
      all-reduce sums them (sharded_distance; exact, raw or effective);
   2. MergePolicy derives the plan from the summed matrix, the same on every rank;
@@ -11,7 +13,8 @@ no rank holds every full mean. At a merge event:
   4. each merge rewrites the representative's fp32 value and Adam moments to the lam
      blend, zeroes the retired moments and refreshes the working copy (zero_state), then
      ties the lower group to the representative (the optimizer layout never changes).
-Call ``after_step()`` after every ``engine.step()``; it acts only once per applied step.
+Call ``after_step()`` after every ``engine.step()``; it acts once per optimizer step. An
+event that falls on a skipped step (fp16 overflow) runs at the next applied step.
 """
 from __future__ import annotations
 
@@ -34,14 +37,14 @@ class MergeDisagreement(RuntimeError):
     """Ranks derived different merge plans; raised on every rank alike."""
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
 
@@ -62,12 +65,14 @@ class MergeCoordinator:
         self.access = state_access(engine)
         if engine.zero_optimization_stage() == 3:
             self._keep_resident()
-        rank, world = _world()
+        self.device = torch.device(engine.device)
+        rank, world = rank_and_world()
         self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
                        for m, ls in self.layers.items()}
-        self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start) for i in range(len(ls))}
+        self.means = {m: {i: self._zeros(self.slices[m].stop - self.slices[m].start) for i in range(len(ls))}
                       for m, ls in self.layers.items()}
         self.observations = 0
+        self.event_due = False
         self.last_distances: dict[str, torch.Tensor] = {}
         self.perturb_plan = perturb_plan
         self._seen_step = engine.global_steps
@@ -92,14 +97,17 @@ class MergeCoordinator:
         if step == self._seen_step:  # not an accumulation boundary
             return []
         self._seen_step = step
-        if not self.engine.was_step_applied():
+        due = self.event_due or self.policy.is_event(step)
+        if not self.engine.was_step_applied():  # skipped on every rank alike
+            self.event_due = due
             return []
+        self.event_due = False
         self.observations += 1
         for mtype, layers in self.layers.items():
             for rep in self.policy.representatives(mtype):
                 value = self.access.local(layers[rep].lora_B, self.slices[mtype])
                 update_running_mean(self.means[mtype][rep], value, self.observations)
-        if not self.policy.is_event(step):
+        if not due:
             return []
         self.last_distances = self.distances()
         plan = self.policy.plan(step, self.last_distances)
@@ -119,20 +127,24 @@ class MergeCoordinator:
         for every module type with merges left, from one all-reduce."""
         effective = self.cfg.merge_distance == "effective"
         todo = [m for m in sorted(self.layers) if self.policy.merges_left(m) > 0]
+        pairs = {m: self.policy.candidate_pairs(m) for m in todo}
         terms = []
         for mtype in todo:
             means = [self.means[mtype][rep] for rep in self.policy.representatives(mtype)]
-            factor = gram_factor(self._shared_A(mtype)) if effective else None
-            terms.append(local_terms(means, self.policy.candidate_pairs(mtype), self.slices[mtype], factor))
+            factor = gram_factor(self._shared_A(mtype)).to(self.device) if effective else None
+            terms.append(local_terms(means, pairs[mtype], self.slices[mtype], factor))
         summed = _all_reduce(torch.cat(terms)).split([t.numel() for t in terms]) if terms else []
         out = {}
         for mtype, chunk in zip(todo, summed):
-            pairs, n = self.policy.candidate_pairs(mtype), len(self.policy.groups[mtype])
+            n = len(self.policy.groups[mtype])
             matrix = torch.full((n, n), float("inf"), dtype=torch.float64)
-            for (i, j), value in zip(pairs, combine(chunk, len(pairs), self.slices[mtype], effective)):
+            for (i, j), value in zip(pairs[mtype], combine(chunk, len(pairs[mtype]), self.slices[mtype], effective).tolist()):
                 matrix[i, j] = matrix[j, i] = value
             out[mtype] = matrix
         return out
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, device=self.device)
 
     def _shared_A(self, mtype: str) -> torch.Tensor:
         A = self.layers[mtype][0].weight_A
@@ -145,13 +157,13 @@ class MergeCoordinator:
 
     def verify(self, step: int, plan: list[Merge]) -> None:
         """All ranks must hold the same (step, plan); otherwise every rank raises alike."""
-        rank, world = _world()
+        world = rank_and_world()[1]
         if world == 1:
             return
         text = repr((step, [(m.module_type, m.upper, m.lower, m.distance) for m in plan]))
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
-        hashes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(hashes, torch.tensor([digest], dtype=torch.int64))
+        hashes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(world)]
+        dist.all_gather(hashes, torch.tensor([digest], dtype=torch.int64, device=self.device))
         seen = [int(h) for h in hashes]
         if len(set(seen)) > 1:
             raise MergeDisagreement(f"ASLoRA merge plans differ across ranks at step {step} (plan hash per rank: "
@@ -186,19 +198,19 @@ class MergeCoordinator:
     # -- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What every rank shares: groups, merge history (steps, distances), observations."""
-        return {"policy": self.policy.state_dict(), "observations": self.observations,
+        return {"policy": self.policy.state_dict(), "observations": self.observations, "event_due": self.event_due,
                 "last_distances": {m: d.clone() for m, d in self.last_distances.items()}}
 
     def local_state_dict(self) -> dict:
         """This rank's running-mean slices and where they sit in the full tensors."""
         return {"slices": {m: (s.start, s.stop, s.numel) for m, s in self.slices.items()},
-                "means": {m: {k: v.clone() for k, v in ms.items()} for m, ms in self.means.items()}}
+                "means": {m: {k: v.cpu().clone() for k, v in ms.items()} for m, ms in self.means.items()}}
 
     def load_state_dict(self, state: dict, local_states: list[dict]) -> None:
         """Restore from ``state_dict()`` and the ``local_state_dict()`` of every rank that
         saved (any world size: this rank's slices are cut anew from the saved pieces)."""
         self.policy.load_state_dict(state["policy"])
-        self.observations = state["observations"]
+        self.observations, self.event_due = state["observations"], state["event_due"]
         self.last_distances = dict(state["last_distances"])
         self.means = {}
         for mtype, where in self.slices.items():
@@ -214,7 +226,7 @@ class MergeCoordinator:
                     full[rep][start:stop] = saved["means"][mtype][rep]
             if covered != where.numel:
                 raise ValueError(f"saved running means cover {covered} of {where.numel} elements of {mtype}: "
-                                 f"merge_means files are missing, or left over from another job in this folder")
-            self.means[mtype] = {rep: where.take(full[rep]).clone() for rep in reps}
+                                 f"the checkpoint's merge_means files do not tile the tensors")
+            self.means[mtype] = {rep: where.take(full[rep]).to(self.device, copy=True) for rep in reps}
         apply_ties(self.layers, self.policy)
         self._seen_step = self.engine.global_steps

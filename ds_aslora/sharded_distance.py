@@ -63,13 +63,14 @@ def local_terms(means: list[torch.Tensor], pairs: list[tuple[int, int]], where: 
     summed across ranks: ``len(pairs)`` partial sums, then (effective only) the cut rows'
     projections, ``len(pairs) x len(cut_rows) x row``. ``means`` are local slices."""
     cuts = where.cut_rows() if factor is not None else []
-    sums = torch.zeros(len(pairs), dtype=torch.float64)
-    proj = torch.zeros(len(pairs), len(cuts), where.row, dtype=torch.float64)
+    device = means[0].device  # where the slices live (the accelerator, for NCCL)
+    sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+    proj = torch.zeros(len(pairs), len(cuts), where.row, dtype=torch.float64, device=device)
     if where.stop > where.start:
         first = where.start // where.row
         rows = (where.stop - 1) // where.row - first + 1
         local_cuts = [(k, c - first) for k, c in enumerate(cuts) if 0 <= c - first < rows]
-        whole = torch.ones(rows, dtype=torch.bool)
+        whole = torch.ones(rows, dtype=torch.bool, device=device)
         whole[[row for _, row in local_cuts]] = False
         offset = where.start - first * where.row
         for p, (i, j) in enumerate(pairs):
@@ -77,7 +78,7 @@ def local_terms(means: list[torch.Tensor], pairs: list[tuple[int, int]], where: 
             if factor is None:
                 sums[p] = diff.pow(2).sum()
                 continue
-            padded = torch.zeros(rows * where.row, dtype=torch.float64)
+            padded = torch.zeros(rows * where.row, dtype=torch.float64, device=device)
             padded[offset:offset + diff.numel()] = diff
             y = padded.view(rows, where.row) @ factor
             sums[p] = y[whole].pow(2).sum()

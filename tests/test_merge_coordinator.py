@@ -261,3 +261,40 @@ def test_merge_events_reach_tensorboard(tmp_path):
     assert [e.step for e in groups] == [4 * MICRO, 6 * MICRO, 8 * MICRO]  # x axis: samples, as DeepSpeed's
     assert [e.value for e in groups] == [9, 6, 3]
     assert events.Scalars("Train/ASLoRA/trainable_params")[-1].value == trainable
+
+
+class SkippingEngine:
+    """The slice of a DeepSpeed engine the coordinator reads: ZeRO-0, a torch optimizer, and
+    optimizer steps that can be skipped (as fp16 overflow does: the step count still moves)."""
+
+    def __init__(self, module):
+        self.module, self.device, self.global_steps, self.applied = module, torch.device("cpu"), 0, False
+        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def was_step_applied(self):
+        return self.applied
+
+    def step(self, ids, apply):
+        self.module(ids, labels=ids).loss.backward()
+        if apply:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.global_steps, self.applied = self.global_steps + 1, apply
+
+
+def test_an_event_on_a_skipped_step_runs_at_the_next_applied_step():
+    from ds_aslora.coordinator import MergeCoordinator
+
+    engine = SkippingEngine(adapted("raw-adjacent"))
+    merger = MergeCoordinator(engine)  # no process group: a world of one
+    merged_at = {}
+    for step in range(1, STEPS + 1):
+        engine.step(batch(step, 1), apply=step != 4)  # step 4, an event, is skipped
+        plan = merger.after_step()
+        merger.after_step()  # a second call in the same step does nothing
+        if plan:
+            merged_at[step] = {m.step for m in plan}
+    assert merged_at == {5: {5}, 6: {6}, 8: {8}} and merger.observations == STEPS - 1

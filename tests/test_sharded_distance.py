@@ -18,7 +18,8 @@ def test_slices_follow_zero3_partitioning():
     assert FlatSlice(numel=64, row=4, rank=1, world=4).cut_rows() == []  # row-aligned cuts
 
 
-@pytest.mark.parametrize("d_out, r, world", [(16, 4, 1), (16, 4, 3), (5, 3, 4), (7, 4, 2), (3, 8, 5), (32, 4, 4)])
+@pytest.mark.parametrize("d_out, r, world", [(16, 4, 1), (16, 4, 3), (5, 3, 4), (7, 4, 2), (3, 8, 5), (32, 4, 4),
+                                             (1, 5, 4)])  # the last: rank 3 holds nothing
 @pytest.mark.parametrize("effective", [False, True])
 def test_partial_terms_sum_to_the_full_distance(d_out, r, world, effective):
     gen = torch.Generator().manual_seed(d_out * r + world)
