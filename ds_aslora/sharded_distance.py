@@ -73,18 +73,23 @@ def local_terms(means: list[torch.Tensor], pairs: list[tuple[int, int]], where: 
         whole = torch.ones(rows, dtype=torch.bool, device=device)
         whole[[row for _, row in local_cuts]] = False
         offset = where.start - first * where.row
+        projected = [_project(m, rows, offset, where.row, factor) for m in means] if factor is not None else []
         for p, (i, j) in enumerate(pairs):
-            diff = (means[i] - means[j]).double()  # as squared_distances does
             if factor is None:
-                sums[p] = diff.pow(2).sum()
+                sums[p] = (means[i] - means[j]).double().pow(2).sum()  # as squared_distances does
                 continue
-            padded = torch.zeros(rows * where.row, dtype=torch.float64, device=device)
-            padded[offset:offset + diff.numel()] = diff
-            y = padded.view(rows, where.row) @ factor
+            y = projected[i] - projected[j]  # = (m_i - m_j) L: each mean is projected once
             sums[p] = y[whole].pow(2).sum()
             for k, row in local_cuts:
                 proj[p, k] = y[row]
     return torch.cat([sums, proj.reshape(-1)])
+
+
+def _project(mean: torch.Tensor, rows: int, offset: int, row: int, factor: torch.Tensor) -> torch.Tensor:
+    """The slice laid into the rows it touches (zeros elsewhere), times L: (rows, r)."""
+    padded = torch.zeros(rows * row, dtype=torch.float64, device=mean.device)
+    padded[offset:offset + mean.numel()] = mean.double()
+    return padded.view(rows, row) @ factor
 
 
 def combine(summed: torch.Tensor, n_pairs: int, where: FlatSlice, effective: bool) -> torch.Tensor:
