@@ -18,7 +18,7 @@ import time
 import deepspeed
 import deepspeed.comm as dist
 import torch
-from step_bench import SMOLLM2_135M
+from step_bench import SMOLLM2_135M, ds_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_aslora import AdapterConfig, inject_adapters
@@ -28,20 +28,13 @@ from ds_aslora.distributed import initialize
 from ds_aslora.step import micro_step
 
 
-def ds_config(args, stage, world):
-    return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-            "train_batch_size": args.batch * world, "zero_optimization": {"stage": stage},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-            "steps_per_print": 10 ** 9}
-
-
 def run_stage(stage, args):
     torch.manual_seed(0)
     cfg = AdapterConfig(method="aslora", r=args.r, alpha=2 * args.r, target_modules="all-linear",
                         merge_start=args.warmup, merge_interval=1, merges_per_event=1,
                         merge_distance=args.distance, merge_candidates=args.candidates)
     model = inject_adapters(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), cfg)
-    engine, bank = initialize(model, ds_config(args, stage, dist.get_world_size()))
+    engine, bank = initialize(model, ds_config(args.batch, stage, dist.get_world_size()))
     merger = MergeCoordinator(engine)
     gen = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(engine.device)

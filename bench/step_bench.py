@@ -43,11 +43,11 @@ def build(variant, args):
     return inject_adapters(model, AdapterConfig(r=args.r, alpha=2 * args.r, target_modules=targets, **VARIANTS[variant]))
 
 
-def ds_config(args, world):
-    return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-            "train_batch_size": args.batch * world, "zero_optimization": {"stage": args.stage},
+def ds_config(batch, stage, world, bf16=False):
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+            "train_batch_size": batch * world, "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-            "bf16": {"enabled": args.bf16}, "steps_per_print": 10 ** 9}
+            "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9}
 
 
 def run_variant(variant, args):
@@ -55,11 +55,11 @@ def run_variant(variant, args):
     trainable = count_trainable(model) if VARIANTS[variant] else model.get_nb_trainable_parameters()[0]
     world = dist.get_world_size()
     if VARIANTS[variant] is None:
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config(args, world),
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config(args.batch, args.stage, world, args.bf16),
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
         bank = None
     else:
-        engine, bank = initialize(model, ds_config(args, world))
+        engine, bank = initialize(model, ds_config(args.batch, args.stage, world, args.bf16))
     gen = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(engine.device)
     times = []

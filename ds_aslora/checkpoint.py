@@ -43,8 +43,9 @@ def _agree(error: Optional[str]) -> None:
     """Every rank raises if any rank found a problem, before anyone enters a collective
     that a failing rank would skip (a hang otherwise)."""
     errors = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
+    world = rank_and_world()[1]
+    if world > 1:
+        errors = [None] * world
         dist.all_gather_object(errors, error)
     found = [(rank, e) for rank, e in enumerate(errors) if e]
     if found:

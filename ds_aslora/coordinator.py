@@ -69,8 +69,8 @@ class MergeCoordinator:
         rank, world = rank_and_world()
         self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
                        for m, ls in self.layers.items()}
-        self.means = {m: {i: self._zeros(self.slices[m].stop - self.slices[m].start) for i in range(len(ls))}
-                      for m, ls in self.layers.items()}
+        self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start, device=self.device)
+                          for i in range(len(ls))} for m, ls in self.layers.items()}
         self.observations = 0
         self.event_due = False
         self.last_distances: dict[str, torch.Tensor] = {}
@@ -142,9 +142,6 @@ class MergeCoordinator:
                 matrix[i, j] = matrix[j, i] = value
             out[mtype] = matrix
         return out
-
-    def _zeros(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, device=self.device)
 
     def _shared_A(self, mtype: str) -> torch.Tensor:
         A = self.layers[mtype][0].weight_A

@@ -73,7 +73,6 @@ class ReplicatedBank:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-
     def state_dict(self) -> dict:
         """Bank values and AdamW state (identical on every rank: save rank 0's)."""
         return {"tensors": {k: self.bank.get(k).detach().clone() for k in self.bank.keys()},

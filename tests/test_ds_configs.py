@@ -1,6 +1,5 @@
 """Shipped DeepSpeed configs: every "auto" is filled, and each trains on real ranks."""
 import glob
-import json
 import os
 
 import pytest

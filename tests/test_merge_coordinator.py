@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, LocalMerger, count_trainable, inject_adapters
 from multirank import run_ranks, train_steps
+from test_zero_parity import ds_config as parity_config
 
 STEPS, MICRO, LR = 8, 2, 1e-2
 SHAPE = dict(hidden_size=33, head_dim=8, num_attention_heads=3, num_key_value_heads=1)
@@ -66,15 +67,15 @@ def reference(options, world, ga=1, clip=0.0):
 
 
 def ds_config(stage, world, ga=1, offload=False, clip=0.0):
+    """The parity tests' config (same micro batch, lr, AdamW) with merge-test options."""
+    config = parity_config(stage, ga, world)
     # ZeRO-3: no prefetching, so nothing but the fetch logic itself makes a B resident
-    zero = {"stage": stage, "stage3_prefetch_bucket_size": 0}
+    config["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
     if offload:  # fp32 master, moments and parameters on the CPU (torch AdamW: no op build)
-        zero.update(offload_optimizer={"device": "cpu", "pin_memory": False},
-                    offload_param={"device": "cpu", "pin_memory": False})
-    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga,
-            "train_batch_size": MICRO * ga * world, "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
-            "gradient_clipping": clip, "steps_per_print": 10 ** 9}
+        config["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_memory": False},
+                                           offload_param={"device": "cpu", "pin_memory": False})
+        config["zero_force_ds_cpu_optimizer"] = False
+    return {**config, "gradient_clipping": clip}
 
 
 def full_state(engine):

@@ -1,7 +1,6 @@
 """The distributed shape itself: one bank all-reduce per optimizer step, partitioned
 per-layer optimizer state, and ranks that fail fast."""
 import pytest
-import torch
 
 from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, inject_adapters
