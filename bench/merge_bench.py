@@ -7,7 +7,9 @@ the other in the same job, on the same model shape and data. On CPU ranks:
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bench/merge_bench.py
 
-The default shape is SmolLM2-135M's (30 layers, hidden 576), random weights, fp32.
+The default shape is SmolLM2-135M's (30 layers, hidden 576), random weights, fp32;
+``--layers 80`` gives LLaMA-2-70B's depth (560 B tensors with all-linear targets, up to
+3,160 candidate pairs per type with ``--candidates all``) at that width.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def run_stage(stage, args):
     cfg = AdapterConfig(method="aslora", r=args.r, alpha=2 * args.r, target_modules="all-linear",
                         merge_start=args.warmup, merge_interval=1, merges_per_event=1,
                         merge_distance=args.distance, merge_candidates=args.candidates)
-    model = inject_adapters(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), cfg)
+    model = inject_adapters(LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": args.layers})), cfg)
     engine, bank = initialize(model, ds_config(args.batch, stage, dist.get_world_size()))
     merger = MergeCoordinator(engine)
     gen = torch.Generator().manual_seed(dist.get_rank())
@@ -61,6 +63,7 @@ def run_stage(stage, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
@@ -73,14 +76,14 @@ def main():
     deepspeed.init_distributed()
     rows = [run_stage(stage, args) for stage in args.stages]
     if dist.get_rank() == 0:
-        print(f"\n{dist.get_world_size()} ranks, SmolLM2-135M shape, aslora r={args.r} all-linear, "
+        print(f"\n{dist.get_world_size()} ranks, SmolLM2-135M width, {args.layers} layers, aslora r={args.r}, "
               f"batch {args.batch}x{args.seq}/rank, distance={args.distance}, candidates={args.candidates}, "
               f"medians over {args.events} events")
         print(f"{'ZeRO':<6}{'step s':>9}{'event s':>9}{'event/step':>12}{'merges':>8}{'calls':>7}{'MB/event':>10}"
-              f"{'means/step':>12}")
+              f"{'means ms':>10}{'means/step':>12}")
         for r in rows:
             print(f"{r['stage']:<6}{r['step']:>9.3f}{r['event']:>9.4f}{r['event'] / r['step']:>12.3f}{r['merges']:>8d}"
-                  f"{r['calls']:>7d}{r['mb']:>10.3f}{r['observe'] / r['step']:>11.2%}")
+                  f"{r['calls']:>7d}{r['mb']:>10.3f}{1e3 * r['observe']:>10.2f}{r['observe'] / r['step']:>11.2%}")
         for r in rows:
             print(f"ZeRO-{r['stage']} event collectives: {r['summary']}; after: {r['live']}")
     dist.destroy_process_group()

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp_path)``, flushed to disk, then renamed into ``path`` (atomic on POSIX) and
     the folder flushed: a crash, even of the machine, leaves the old file or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    # Host and pid: ranks on different nodes can share a pid and a filesystem.
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     try:
         write(tmp)
         _fsync(tmp)

@@ -3,25 +3,33 @@
 ``save_dir/<tag>/`` holds DeepSpeed's files (trainable tensors only, ZeRO optimizer
 partitions, ``client_state``), one ``merge_means_rank<r>.pt`` per rank with that rank's
 running-mean slices (no rank gathers every mean; any world size can read them back), and
-``ds_aslora.json`` (world size, ZeRO stage, step), written last. The replicated bank
-(values + AdamW state) and the merge coordinator's shared state (groups, history with
-steps and distances, observations) ride in ``client_state``. ``latest`` is replaced
-atomically once every rank has finished, and a tag folder is never written twice, so a
-crash during a save leaves the previous checkpoint whole and named by ``latest``.
-Resuming reads files written by other ranks: like DeepSpeed's own, a shared filesystem.
+``ds_aslora.json`` (world size, ZeRO stage, step, adapter config, what it holds), written
+last: it marks the folder complete. The replicated bank (values + optimizer state) and the
+merge coordinator's shared state (groups, history with steps and distances, observations)
+ride in ``client_state``. ``latest`` is replaced atomically once every rank has finished.
+
+After a crash: ``latest`` still names the previous checkpoint, which loads. The folder the
+crash tore (or any folder ``latest`` does not name) is set aside as ``<tag>.set-aside.<k>``
+when the resumed run saves that tag again, kept for inspection; the folder ``latest`` names
+is never overwritten. Resuming reads files written by other ranks: like DeepSpeed's own, it
+needs a filesystem every rank shares (DeepSpeed's node-local storage mode is refused).
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import log_dist
 
 from .atomic import atomic_write
-from .coordinator import MergeCoordinator, rank_and_world
-from .distributed import ReplicatedBank
+from .coordinator import MergeCoordinator
+from .inject import adapter_config
+from .ranks import raise_together, rank_and_world
+from .replicated_bank import ReplicatedBank
 
 MEANS_FILE = "merge_means_rank{rank:05d}.pt"
 META_FILE = "ds_aslora.json"
@@ -39,17 +47,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read as asked; raised on every rank alike."""
 
 
-def _agree(error: Optional[str]) -> None:
-    """Every rank raises if any rank found a problem, before anyone enters a collective
-    that a failing rank would skip (a hang otherwise)."""
-    errors = [error]
-    world = rank_and_world()[1]
-    if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-    found = [(rank, e) for rank, e in enumerate(errors) if e]
-    if found:
-        raise CheckpointError(f"rank {found[0][0]}: {found[0][1]}")
+def _latest_tag(save_dir: str) -> Optional[str]:
+    path = os.path.join(save_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _save_problem(engine: Any, save_dir: str, tag: str) -> Optional[str]:
+    if engine.use_node_local_storage():
+        return ("checkpoint.use_node_local_storage=true keeps each node's files on its own disk, but a resume reads "
+                "files every rank wrote (ZeRO partitions, running means): remove the key and save to a filesystem "
+                "all nodes share")
+    if _latest_tag(save_dir) == tag:
+        return (f"checkpoint {os.path.join(save_dir, tag)!r} is the one {LATEST!r} names; it is never overwritten "
+                f"in place (a crash would tear the resume point): save under a new tag")
+    return None
+
+
+def _set_aside(save_dir: str, tag: str) -> None:
+    """Rank 0: a folder for ``tag`` that ``latest`` does not name (torn by a crash, or from an
+    abandoned timeline) is renamed, not deleted, so the new save starts clean."""
+    folder = os.path.join(save_dir, tag)
+    if not os.path.exists(folder):
+        return
+    k = 0
+    while os.path.exists(f"{folder}.set-aside.{k}"):
+        k += 1
+    complete = os.path.isfile(os.path.join(folder, META_FILE))
+    os.replace(folder, f"{folder}.set-aside.{k}")
+    log_dist(f"{'complete' if complete else 'torn (incomplete)'} checkpoint folder {folder!r} is not the one "
+             f"{LATEST!r} names; moved to {folder}.set-aside.{k} before saving this step", ranks=[0])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, bank: Optional[ReplicatedBank] = None,
@@ -58,8 +92,10 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     rank, world = rank_and_world()
     tag = str(tag or f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)
-    _agree(f"checkpoint {folder!r} exists; a tag is never overwritten in place (a crash would tear it): "
-           f"remove it or save under a new tag" if os.path.exists(folder) else None)
+    raise_together(_save_problem(engine, save_dir, tag), CheckpointError)
+    if rank == 0:
+        _set_aside(save_dir, tag)
+    _barrier()
     state = {"client": dict(client_state or {})}
     if bank is not None:
         state["shared_bank"] = bank.state_dict()
@@ -73,36 +109,48 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     engine.save_checkpoint(save_dir, tag, client_state=state, save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
         meta = {"world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                "global_steps": engine.global_steps, "merge_state": merger is not None}
+                "global_steps": engine.global_steps, "merge_state": merger is not None,
+                "shared_bank": bank is not None, "adapter": adapter_config(engine.module).to_dict(),
+                "host": socket.gethostname()}
         _write_text(os.path.join(folder, META_FILE), json.dumps(meta))
         _write_text(os.path.join(save_dir, LATEST), tag)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return folder
 
 
-def _check(load_dir: str, tag: Optional[str], stage: int, world: int, merger: Optional[MergeCoordinator]) -> tuple[str, dict]:
+def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Optional[ReplicatedBank],
+           merger: Optional[MergeCoordinator]) -> tuple[str, dict]:
     """Raises a clear error for what this rank sees wrong; returns (tag, meta)."""
     if tag is None:
-        path = os.path.join(load_dir, LATEST)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint to resume in {load_dir!r}: {path} does not exist")
-        with open(path) as f:
-            tag = f.read().strip()
+        tag = _latest_tag(load_dir)
+        if tag is None:
+            raise FileNotFoundError(f"no checkpoint to resume in {load_dir!r}: {os.path.join(load_dir, LATEST)} "
+                                    f"does not exist")
     meta_path = os.path.join(load_dir, tag, META_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{os.path.join(load_dir, tag)!r} is not a complete ds_aslora checkpoint "
                                 f"({META_FILE} is missing)")
     with open(meta_path) as f:
         meta = json.load(f)
+    stage = engine.zero_optimization_stage()
     partitioned = stage > 0 or meta["zero_stage"] > 0
     if partitioned and (meta["world_size"], meta["zero_stage"]) != (world, stage):
         raise ValueError(f"checkpoint {tag!r} was written by {meta['world_size']} ranks at ZeRO stage "
                          f"{meta['zero_stage']}; its partitioned optimizer state cannot be mapped onto {world} "
                          f"ranks at stage {stage} (convert it with deepspeed.checkpoint.ds_to_universal first)")
+    ours = adapter_config(engine.module).to_dict()
+    if meta["adapter"] != ours:
+        diff = sorted(k for k in set(ours) | set(meta["adapter"]) if ours.get(k) != meta["adapter"].get(k))
+        raise ValueError(f"checkpoint {tag!r} was trained with another adapter config: "
+                         + ", ".join(f"{k}={meta['adapter'].get(k)!r} there, {ours.get(k)!r} here" for k in diff))
+    for saved, given, what in ((meta["shared_bank"], bank, "shared-bank tensors and their optimizer state (bank=)"),
+                               (meta["merge_state"], merger, "ASLoRA merge state: ties and running means (merger=)")):
+        if saved and given is None:
+            raise ValueError(f"checkpoint {tag!r} holds {what} but load_checkpoint was not given them: loading "
+                             f"without them would restart from random shared tensors or untied layers")
+        if given is not None and not saved:
+            raise ValueError(f"checkpoint {tag!r} has no {what}: it was saved by another method or without them")
     if merger is not None:
-        if not meta["merge_state"]:
-            raise ValueError(f"checkpoint {tag!r} has no merge state: it was saved without a MergeCoordinator")
         for r in range(meta["world_size"]):
             if not os.path.isfile(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r))):
                 raise FileNotFoundError(f"checkpoint {tag!r} lacks {MEANS_FILE.format(rank=r)} (the running means "
@@ -113,23 +161,24 @@ def _check(load_dir: str, tag: Optional[str], stage: int, world: int, merger: Op
 def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, bank: Optional[ReplicatedBank] = None,
                     merger: Optional[MergeCoordinator] = None) -> dict:
     """Collective. Restores engine, bank and merge state (ties included) before training
-    continues; returns the ``client_state`` given to ``save_checkpoint``."""
+    continues; returns the ``client_state`` given to ``save_checkpoint``. A checkpoint that
+    holds a bank or merge state must be given ``bank=`` / ``merger=``."""
     _, world = rank_and_world()
     try:
-        tag, meta = _check(load_dir, tag, engine.zero_optimization_stage(), world, merger)
+        tag, meta = _check(load_dir, tag, engine, world, bank, merger)
         error = None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         error = f"{type(err).__name__}: {err}"
-    _agree(error)
+    raise_together(error, CheckpointError)
     path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
     if path is None or engine.global_steps != meta["global_steps"]:
         raise CheckpointError(f"DeepSpeed did not restore {os.path.join(load_dir, tag)!r} (step {engine.global_steps}, "
-                           f"expected {meta['global_steps']})")
+                              f"expected {meta['global_steps']})")
     if bank is not None:
-        if "shared_bank" not in client:
-            raise CheckpointError(f"checkpoint {tag!r} has no shared-bank state: it was saved by another method")
         bank.load_state_dict(client["shared_bank"])
     if merger is not None:
-        files = [os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)) for r in range(meta["world_size"])]
-        merger.load_state_dict(client["merge"], [torch.load(f, map_location="cpu", weights_only=True) for f in files])
+        def read_local(r: int) -> dict:
+            return torch.load(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)), map_location="cpu",
+                              weights_only=True)
+        merger.load_state_dict(client["merge"], read_local, meta["world_size"])
     return client.get("client", {})

@@ -79,7 +79,7 @@ def audit_collectives() -> Iterator[CommRecord]:
             return fn(*args, **kwargs)
         return counted
 
-    for (owner, attr, op), (_, _, fn) in zip(targets, originals):
+    for (owner, attr, op), (_, _, fn) in zip(targets, originals, strict=True):
         if fn is not None:
             setattr(owner, attr, wrap(op, fn))
     try:

@@ -4,9 +4,12 @@ Per applied optimizer step each rank folds its flat slice of every live B group 
 running mean, so no rank holds every full mean: under ZeRO-3 the slice of the fp32 master
 DeepSpeed gives it; under stages 0-2 the same cut of the working copy (the fp32 master in
 fp32 training; in bf16 the bf16 value, so bf16 plans may differ between stages, never
-between ranks). Means and communication buffers live on the engine's device. At an event:
-  1. each rank computes its partial squared distances for the candidate pairs and ONE
-     all-reduce sums them (sharded_distance; exact, raw or effective);
+between ranks). Means live where those slices live (the engine's device, or host memory
+under ZeRO-3 optimizer offload) and are updated by one foreach call per step; the
+communication buffers live on the engine's device. At an event:
+  1. each rank computes its partial squared distances for the candidate pairs (one Gram
+     matrix per module type) and ONE all-reduce sums them (sharded_distance; exact, raw
+     or effective);
   2. MergePolicy derives the plan from the summed matrix, the same on every rank;
   3. ONE all-gather of a hash of (step, plan) checks that; a mismatch raises the same
      error on every rank (no rank goes on into collectives the others skip);
@@ -27,20 +30,15 @@ from deepspeed.utils import log_dist
 
 from .count import count_trainable
 from .inject import adapter_config
-from .merge_policy import Merge, MergePolicy, update_running_mean
+from .merge_policy import Merge, MergePolicy, update_running_means
 from .merger import apply_ties, fold_group, layers_by_type
+from .ranks import rank_and_world
 from .sharded_distance import FlatSlice, combine, gram_factor, local_terms
 from .zero_state import state_access
 
 
 class MergeDisagreement(RuntimeError):
     """Ranks derived different merge plans; raised on every rank alike."""
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,7 +67,9 @@ class MergeCoordinator:
         rank, world = rank_and_world()
         self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
                        for m, ls in self.layers.items()}
-        self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start, device=self.device)
+        first = next(iter(self.layers))
+        self.means_device = self.access.local([self.layers[first][0].lora_B], self.slices[first])[0].device
+        self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start, device=self.means_device)
                           for i in range(len(ls))} for m, ls in self.layers.items()}
         self.observations = 0
         self.event_due = False
@@ -103,10 +103,12 @@ class MergeCoordinator:
             return []
         self.event_due = False
         self.observations += 1
+        means, values = [], []
         for mtype, layers in self.layers.items():
-            for rep in self.policy.representatives(mtype):
-                value = self.access.local(layers[rep].lora_B, self.slices[mtype])
-                update_running_mean(self.means[mtype][rep], value, self.observations)
+            reps = self.policy.representatives(mtype)
+            means += [self.means[mtype][rep] for rep in reps]
+            values += self.access.local([layers[rep].lora_B for rep in reps], self.slices[mtype])
+        update_running_means(means, values, self.observations)
         if not due:
             return []
         self.last_distances = self.distances()
@@ -131,15 +133,16 @@ class MergeCoordinator:
         terms = []
         for mtype in todo:
             means = [self.means[mtype][rep] for rep in self.policy.representatives(mtype)]
-            factor = gram_factor(self._shared_A(mtype)).to(self.device) if effective else None
+            factor = gram_factor(self._shared_A(mtype)).to(self.means_device) if effective else None
             terms.append(local_terms(means, pairs[mtype], self.slices[mtype], factor))
-        summed = _all_reduce(torch.cat(terms)).split([t.numel() for t in terms]) if terms else []
+        summed = _all_reduce(torch.cat(terms).to(self.device)).cpu().split([t.numel() for t in terms]) if terms else []
         out = {}
-        for mtype, chunk in zip(todo, summed):
+        for mtype, chunk in zip(todo, summed, strict=True):
             n = len(self.policy.groups[mtype])
             matrix = torch.full((n, n), float("inf"), dtype=torch.float64)
-            for (i, j), value in zip(pairs[mtype], combine(chunk, len(pairs[mtype]), self.slices[mtype], effective).tolist()):
-                matrix[i, j] = matrix[j, i] = value
+            lower, upper = torch.tensor(pairs[mtype], dtype=torch.long).reshape(-1, 2).unbind(1)
+            values = combine(chunk, len(pairs[mtype]), self.slices[mtype], effective)
+            matrix[lower, upper] = matrix[upper, lower] = values
             out[mtype] = matrix
         return out
 
@@ -203,27 +206,40 @@ class MergeCoordinator:
         return {"slices": {m: (s.start, s.stop, s.numel) for m, s in self.slices.items()},
                 "means": {m: {k: v.cpu().clone() for k, v in ms.items()} for m, ms in self.means.items()}}
 
-    def load_state_dict(self, state: dict, local_states: list[dict]) -> None:
-        """Restore from ``state_dict()`` and the ``local_state_dict()`` of every rank that
-        saved (any world size: this rank's slices are cut anew from the saved pieces)."""
+    def load_state_dict(self, state: dict, read_local: Callable[[int], dict], saved_world: int) -> None:
+        """Restore from ``state_dict()`` and the ``local_state_dict()`` files of the job that
+        saved on ``saved_world`` ranks; ``read_local(rank)`` reads one. Only the files whose
+        slices overlap this rank's are read: its own on the same world size, a few neighbours
+        after a re-cut (at 70B every rank reading every file would be GBs per rank)."""
         self.policy.load_state_dict(state["policy"])
         self.observations, self.event_due = state["observations"], state["event_due"]
         self.last_distances = dict(state["last_distances"])
+        needed = sorted({r for where in self.slices.values() for r in _overlapping(where, saved_world)})
+        files = {r: read_local(r) for r in needed}
         self.means = {}
         for mtype, where in self.slices.items():
             reps = self.policy.representatives(mtype)
-            full = {rep: torch.zeros(where.numel) for rep in reps}
+            local = {rep: torch.zeros(where.stop - where.start) for rep in reps}
             covered = 0
-            for saved in local_states:
-                start, stop, numel = saved["slices"][mtype]
+            for r in _overlapping(where, saved_world):
+                start, stop, numel = files[r]["slices"][mtype]
                 if numel != where.numel:
                     raise ValueError(f"saved merge state has {mtype} B of {numel} elements, this model {where.numel}")
-                covered += stop - start
+                lo, hi = max(start, where.start), min(stop, where.stop)
+                covered += max(0, hi - lo)
                 for rep in reps:
-                    full[rep][start:stop] = saved["means"][mtype][rep]
-            if covered != where.numel:
-                raise ValueError(f"saved running means cover {covered} of {where.numel} elements of {mtype}: "
-                                 f"the checkpoint's merge_means files do not tile the tensors")
-            self.means[mtype] = {rep: where.take(full[rep]).to(self.device, copy=True) for rep in reps}
+                    local[rep][lo - where.start:hi - where.start] = files[r]["means"][mtype][rep][lo - start:hi - start]
+            if covered != where.stop - where.start:
+                raise ValueError(f"saved running means cover {covered} of this rank's {where.stop - where.start} "
+                                 f"elements of {mtype}: the checkpoint's merge_means files do not tile the tensors")
+            self.means[mtype] = {rep: local[rep].to(self.means_device) for rep in reps}
         apply_ties(self.layers, self.policy)
         self._seen_step = self.engine.global_steps
+
+
+def _overlapping(where: FlatSlice, saved_world: int) -> list[int]:
+    """Ranks of a ``saved_world``-rank job whose slice of the same tensor overlaps ``where``."""
+    if where.stop == where.start:
+        return []
+    part = -(-where.numel // saved_world)
+    return list(range(where.start // part, (where.stop - 1) // part + 1))

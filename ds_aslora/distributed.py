@@ -3,11 +3,18 @@
 Per-layer A/B are ordinary engine parameters, so ZeRO partitions their optimizer state
 (stages 1-2), gradients (2-3) and values (3). The SharedBank is lifted out of the module
 given to ``deepspeed.initialize`` (ZeRO converts every registered parameter, so "not
-registered" is the only way to stay replicated, deepspeed-notes §1). Its gradients are
-flattened and all-reduced once per optimizer step, at the accumulation boundary, and a
-private AdamW applies them with the engine's learning rate, only when the engine applied
-its own step. Gradient clipping: the engine clips the per-layer adapters by their own norm;
-the bank is clipped by *its* norm with the same threshold (``grad_norm`` reports it).
+registered" is the only way to stay replicated, deepspeed-notes §1) and driven beside the
+engine by a ``ReplicatedBank``.
+
+One precision and residency policy on every stage:
+  - per-layer adapters train like DeepSpeed's own parameters: a working copy in the
+    engine's dtype (bf16/fp16) and an fp32 master with the optimizer state. DeepSpeed casts
+    a model's parameters itself, except for a model built under ``zero.Init`` (ZeRO-3), whose
+    late-added adapters would stay fp32: we cast them here, so stages 2 and 3 train alike;
+  - the replicated bank stays fp32 (it is its own master) and is cast per forward;
+  - under ZeRO-3 only what a tie must read stays resident: ASLoRA's per-layer B (a merged
+    layer reads its representative's B outside its own module). Plain LoRA and ShareLoRA
+    tensors are partitioned like any parameter, by DeepSpeed's own threshold.
 """
 from __future__ import annotations
 
@@ -15,12 +22,13 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.utils import log_dist
 from torch import nn
 
 from .bank import SharedBank
-from .inject import BANK_NAME, LIFTED_BANK, find_bank
+from .bank_optim import bank_optimizer
+from .inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
+from .replicated_bank import ReplicatedBank
 
 
 def lift_bank(model: nn.Module) -> Optional[SharedBank]:
@@ -32,71 +40,61 @@ def lift_bank(model: nn.Module) -> Optional[SharedBank]:
     return bank
 
 
-class ReplicatedBank:
-    """Drives the lifted bank beside a DeepSpeed engine. Per micro-step, in this order:
-    ``engine.backward(loss); bank.reduce(); engine.step(); bank.step()``."""
-
-    def __init__(self, bank: SharedBank, engine: Any, *, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, max_norm: float = 0.0):
-        self.bank, self.engine, self.max_norm = bank, engine, max_norm
-        self.params = [p for p in bank.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.grad_norm: Optional[float] = None
-        self._boundary_lr: Optional[float] = None
-
-    def reduce(self) -> None:
-        """After backward: at the accumulation boundary, one all-reduce of every bank grad."""
-        if not self.engine.is_gradient_accumulation_boundary():
-            return
-        # The lr this optimizer step uses; engine.step() advances the scheduler after it.
-        self._boundary_lr = self.engine.get_lr()[0]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat)
-            flat.div_(dist.get_world_size())
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-    def step(self) -> None:
-        """After ``engine.step()``: update the bank iff the engine applied this step."""
-        if self._boundary_lr is None:
-            return
-        lr, self._boundary_lr = self._boundary_lr, None
-        if self.engine.was_step_applied():
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if self.max_norm > 0:
-                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict:
-        """Bank values and AdamW state (identical on every rank: save rank 0's)."""
-        return {"tensors": {k: self.bank.get(k).detach().clone() for k in self.bank.keys()},
-                "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["tensors"]) != set(self.bank.keys()):
-            raise ValueError(f"checkpoint's shared tensors {sorted(state['tensors'])} do not match this "
-                             f"model's {sorted(self.bank.keys())}: different method, targets or scope")
-        with torch.no_grad():
-            for key, value in state["tensors"].items():
-                self.bank.get(key).copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
 
 
-def zero3_persistence(model: nn.Module, ds_config: dict) -> dict:
-    """Keep every per-layer adapter tensor persistent under ZeRO-3, so re-ties after merges
-    never break the parameter-fetch trace (deepspeed-notes E6)."""
+def working_dtype(ds_config: dict) -> Optional[torch.dtype]:
+    """The dtype DeepSpeed trains parameters in (None: fp32, no cast)."""
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    bf16 = ds_config.get("bf16", ds_config.get("bfloat16", {}))
+    return torch.bfloat16 if bf16.get("enabled") is True else None
+
+
+def cast_adapters(model: nn.Module, dtype: Optional[torch.dtype]) -> None:
+    """Per-layer adapter tensors to the working dtype (fp32 master kept by the optimizer)."""
+    if dtype is None:
+        return
+    for _, layer in adapter_layers(model):
+        for p in (layer.lora_A, layer.lora_B):
+            if p is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def tied_bs(model: nn.Module) -> list[nn.Parameter]:
+    """Per-layer B tensors that an ASLoRA tie can make another layer read."""
+    bank = find_bank(model)
+    if bank is None or bank.config.method != "aslora":
+        return []
+    return [layer.lora_B for _, layer in adapter_layers(model) if layer.lora_B is not None]
+
+
+def zero3_residency(model: nn.Module, ds_config: dict) -> dict:
+    """ZeRO-3: raise ``stage3_param_persistence_threshold`` so every B a tie can read is
+    persistent (deepspeed-notes E6). Frozen base tensors no larger than a B become
+    persistent with it (norms, at 7B-70B). Nothing changes for LoRA and ShareLoRA."""
     zero = dict(ds_config.get("zero_optimization", {}))
-    if zero.get("stage") == 3:
-        largest = max((getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad), default=0)
-        zero["stage3_param_persistence_threshold"] = max(largest, int(zero.get("stage3_param_persistence_threshold", 0)))
-        return {**ds_config, "zero_optimization": zero}
-    return ds_config
+    bs = tied_bs(model)
+    if zero.get("stage") != 3 or not bs:
+        return ds_config
+    largest = max(getattr(b, "ds_numel", b.numel()) for b in bs)
+    user = int(zero.get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE_THRESHOLD))
+    if user < largest:
+        log_dist(f"ZeRO-3: stage3_param_persistence_threshold raised from {user:,} to {largest:,} so every ASLoRA "
+                 f"B stays resident (merged layers read their representative's B)", ranks=[0])
+    zero["stage3_param_persistence_threshold"] = max(largest, user)
+    return {**ds_config, "zero_optimization": zero}
+
+
+def check_tied_bs_resident(model: nn.Module) -> None:
+    """After ``deepspeed.initialize``: a tie reading a partitioned B would see an empty
+    tensor; refuse (e.g. ``stage3_model_persistence_threshold`` capped the persistent set)."""
+    missing = [b for b in tied_bs(model) if hasattr(b, "ds_id") and not getattr(b, "ds_persist", False)]
+    if missing:
+        raise ValueError(f"ZeRO-3 left {len(missing)} ASLoRA B tensors partitioned "
+                         f"(e.g. {tuple(missing[0].ds_shape)}); "
+                         f"merged layers must read them whole. Raise zero_optimization."
+                         f"stage3_model_persistence_threshold (or remove it)")
 
 
 SHARED_MODES = ("replicated", "engine")
@@ -115,6 +113,15 @@ def refuse_reentrant_checkpointing(model: nn.Module) -> None:
                                  "(model.activation_checkpointing_enable() does by default)")
 
 
+def refuse_unmanaged_accumulation(ds_config: dict) -> None:
+    """With ``managed_gradient_accumulation: false`` the engine's accumulation boundary exists
+    only inside ``engine.step()``, so the bank's all-reduce (which must run between backward
+    and step) would never see it: the shared tensors would freeze."""
+    if ds_config.get("managed_gradient_accumulation", True) is False:
+        raise ValueError("managed_gradient_accumulation=false is not supported: the shared tensors are reduced "
+                         "at the engine's accumulation boundary, before engine.step(); remove the key")
+
+
 def initialize(model: nn.Module, ds_config: dict,
                shared_mode: str = "replicated") -> tuple[Any, Optional[ReplicatedBank]]:
     """``deepspeed.initialize`` over the per-layer adapters and, per ``shared_mode``, the
@@ -123,28 +130,32 @@ def initialize(model: nn.Module, ds_config: dict,
     Returns ``(engine, replicated_bank_or_None)``."""
     if shared_mode not in SHARED_MODES:
         raise ValueError(f"shared_mode must be one of {list(SHARED_MODES)}, got {shared_mode!r}")
+    refuse_unmanaged_accumulation(ds_config)
     bank = find_bank(model)
     has_shared = bank is not None and any(True for _ in bank.parameters())
     if has_shared:
         refuse_reentrant_checkpointing(model)
-    if shared_mode == "replicated":
+    replicated = shared_mode == "replicated" and has_shared
+    if replicated:
         lift_bank(model)
+        optimizer = bank_optimizer([p for p in bank.parameters() if p.requires_grad], ds_config.get("optimizer"))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (sharelora share=AB "
                          "keeps every trainable tensor in the shared bank): use shared_mode='engine'")
-    ds_config = zero3_persistence(model, ds_config)
+    cast_adapters(model, working_dtype(ds_config))
+    ds_config = zero3_residency(model, ds_config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-    if shared_mode == "engine" or not has_shared:
+    check_tied_bs_resident(engine.module)
+    if not replicated:
         return engine, None
     bank.to(engine.device)
-    opt = ds_config.get("optimizer", {}).get("params", {})
-    replicated = ReplicatedBank(bank, engine, betas=tuple(opt.get("betas", (0.9, 0.999))),
-                                eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.0),
-                                max_norm=float(ds_config.get("gradient_clipping", 0.0)))
-    numel = sum(p.numel() for p in replicated.params)
-    clip = (f"clipped by its own grad norm at {replicated.max_norm} (the engine clips the per-layer "
-            f"tensors separately)" if replicated.max_norm > 0 else "not clipped (gradient_clipping is 0)")
-    log_dist(f"shared bank: {len(replicated.params)} tensors, {numel:,} parameters, replicated on every rank, "
-             f"one all-reduce per optimizer step; {clip}", ranks=[0])
-    return engine, replicated
+    max_norm = float(ds_config.get("gradient_clipping", 0.0))
+    replicated_bank = ReplicatedBank(bank, engine, optimizer, max_norm=max_norm)
+    numel = sum(p.numel() for p in replicated_bank.params)
+    clip = (f"clipped by its own grad norm at {max_norm} (the engine clips the per-layer "
+            f"tensors separately)" if max_norm > 0 else "not clipped (gradient_clipping is 0)")
+    log_dist(f"shared bank: {len(replicated_bank.params)} tensors, {numel:,} parameters, fp32, replicated on every "
+             f"rank (broadcast from rank 0), one all-reduce per optimizer step, {type(optimizer).__name__}; {clip}",
+             ranks=[0])
+    return engine, replicated_bank

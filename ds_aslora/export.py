@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +20,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .config import AdapterConfig
+from .ranks import raise_together, rank_and_world
 from .inject import BANK_NAME, adapter_config, adapter_layers, find_bank, inject_adapters, module_type
 
 WEIGHTS = "adapter_model.safetensors"
@@ -48,16 +49,21 @@ def _base_name(model: nn.Module, given: Optional[str]) -> Optional[str]:
     return given or getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+Read = Callable[[torch.Tensor], torch.Tensor]
+
+
+def peft_state_dict(model: nn.Module, read: Read = _plain) -> dict[str, torch.Tensor]:
     tensors = {}
     for path, layer in adapter_layers(model):
-        tensors[f"base_model.model.{path}.lora_A.weight"] = _plain(layer.weight_A)
-        tensors[f"base_model.model.{path}.lora_B.weight"] = _plain(layer.weight_B)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = read(layer.weight_A)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = read(layer.weight_B)
     return tensors
 
 
-def export_peft(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None) -> None:
-    """A standard peft LoRA adapter (loads with ``PeftModel.from_pretrained``)."""
+def export_peft(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None,
+                read: Read = _plain) -> None:
+    """A standard peft LoRA adapter (loads with ``PeftModel.from_pretrained``). ``read`` maps
+    a model tensor to the value to write (``export_engine`` passes the fp32 masters)."""
     cfg = adapter_config(model)
     layers = list(adapter_layers(model))
     config = {
@@ -67,18 +73,18 @@ def export_peft(model: nn.Module, out_dir: str, base_model_name_or_path: Optiona
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,
     }
-    _write(out_dir, peft_state_dict(model), config)
+    _write(out_dir, peft_state_dict(model, read), config)
 
 
-def compact_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def compact_state_dict(model: nn.Module, read: Read = _plain) -> dict[str, torch.Tensor]:
     """Every live trainable adapter tensor once, keyed relative to the model root."""
     bank = find_bank(model)
-    tensors = {f"{BANK_NAME}.{key}": _plain(bank.get(key)) for key in bank.keys()}
+    tensors = {f"{BANK_NAME}.{key}": read(bank.get(key)) for key in bank.keys()}
     for path, layer in adapter_layers(model):
         if layer.lora_A is not None:
-            tensors[f"{path}.lora_A"] = _plain(layer.lora_A)
+            tensors[f"{path}.lora_A"] = read(layer.lora_A)
         if layer.lora_B is not None and not layer.is_tied:
-            tensors[f"{path}.lora_B"] = _plain(layer.lora_B)
+            tensors[f"{path}.lora_B"] = read(layer.lora_B)
     return tensors
 
 
@@ -88,10 +94,43 @@ def tie_map(model: nn.Module) -> dict[str, str]:
     return {path: paths[id(layer.tied_to)] for path, layer in adapter_layers(model) if layer.is_tied}
 
 
-def export_compact(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None) -> None:
+def export_compact(model: nn.Module, out_dir: str, base_model_name_or_path: Optional[str] = None,
+                   read: Read = _plain) -> None:
     config = {"format": COMPACT_FORMAT, "version": 1, "adapter": adapter_config(model).to_dict(),
               "ties": tie_map(model), "base_model_name_or_path": _base_name(model, base_model_name_or_path)}
-    _write(out_dir, compact_state_dict(model), config)
+    _write(out_dir, compact_state_dict(model, read), config)
+
+
+def export_engine(engine: Any, *, peft_dir: Optional[str] = None, compact_dir: Optional[str] = None,
+                  base_model_name_or_path: Optional[str] = None) -> None:
+    """Collective: every rank calls it. Exports a DeepSpeed job's adapters from their fp32
+    masters (not the bf16 working copy; under ZeRO-3 not the empty partitions), gathered one
+    tensor at a time so no device ever holds the whole adapter set; they collect in rank 0's
+    host memory and rank 0 alone writes."""
+    from .zero_state import gather_fp32
+
+    rank = rank_and_world()[0]
+    model = engine.module
+    params = [p for _, layer in adapter_layers(model) for p in (layer.lora_A, layer.lora_B) if p is not None]
+    params += list(find_bank(model).parameters())
+    masters: dict[int, torch.Tensor] = {}
+    for p in params:
+        value = gather_fp32(p)
+        if rank == 0:
+            masters[id(p)] = _plain(value)
+    error = None
+    if rank == 0:
+        def read(t: torch.Tensor) -> torch.Tensor:
+            return masters[id(t)].clone()  # a shared tensor is written once per layer
+
+        try:
+            if peft_dir is not None:
+                export_peft(model, peft_dir, base_model_name_or_path, read)
+            if compact_dir is not None:
+                export_compact(model, compact_dir, base_model_name_or_path, read)
+        except OSError as err:
+            error = f"export failed: {err}"
+    raise_together(error, OSError)
 
 
 def load_compact(model: nn.Module, in_dir: str) -> nn.Module:

@@ -37,9 +37,11 @@ class Merge:
         return self.lower[-1]
 
 
-def update_running_mean(mean: torch.Tensor, value: torch.Tensor, count: int) -> None:
-    """In place: the cumulative mean of ``count`` observations, the last being ``value``."""
-    mean.add_(value.to(mean.dtype) - mean, alpha=1.0 / count)
+def update_running_means(means: list[torch.Tensor], values: list[torch.Tensor], count: int) -> None:
+    """In place, all at once (one foreach kernel, not one launch per B): each mean becomes the
+    cumulative mean of ``count`` observations, the last being the matching value."""
+    if means:
+        torch._foreach_lerp_(means, [v.to(m.dtype) for m, v in zip(means, values, strict=True)], 1.0 / count)
 
 
 def blend(upper: torch.Tensor, lower: torch.Tensor, lam: float) -> torch.Tensor:
@@ -56,7 +58,7 @@ def squared_distances(means: list[torch.Tensor], gram: Optional[torch.Tensor] = 
     out = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
-            diff = (means[i] - means[j]).double()
+            diff = means[i].double() - means[j].double()
             value = (diff @ gram.double() * diff).sum() if gram is not None else diff.pow(2).sum()
             out[i, j] = out[j, i] = value
     return out

@@ -14,7 +14,7 @@ from torch import nn
 
 from .inject import adapter_config, adapter_layers, module_type
 from .layers import AdapterLinear
-from .merge_policy import Merge, MergePolicy, blend, squared_distances, update_running_mean
+from .merge_policy import Merge, MergePolicy, blend, squared_distances, update_running_means
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -52,9 +52,9 @@ class LocalMerger:
         """Fold the current B of every live group into its running mean, then merge if
         ``step`` is an event. Returns the merges applied."""
         self.observations += 1
-        for mtype, layers in self.layers.items():
-            for rep in self.policy.representatives(mtype):
-                update_running_mean(self.means[mtype][rep], layers[rep].lora_B, self.observations)
+        live = [(self.means[m][rep], ls[rep].lora_B) for m, ls in self.layers.items()
+                for rep in self.policy.representatives(m)]
+        update_running_means([m for m, _ in live], [b for _, b in live], self.observations)
         if not self.policy.is_event(step):
             return []
         plan = self.policy.plan(step, self.distances())

@@ -61,28 +61,44 @@ def local_terms(means: list[torch.Tensor], pairs: list[tuple[int, int]], where: 
                 factor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's share of the squared distance of each pair, as one float64 vector to be
     summed across ranks: ``len(pairs)`` partial sums, then (effective only) the cut rows'
-    projections, ``len(pairs) x len(cut_rows) x row``. ``means`` are local slices."""
+    projections, ``len(pairs) x len(cut_rows) x row``. ``means`` are local slices.
+
+    All pairs come from one Gram matrix of the stacked means (``|m_i|^2 + |m_j|^2 -
+    2 m_i.m_j``, float64), so an event costs one matrix product, not a Python loop over up
+    to L(L-1)/2 pairs."""
     cuts = where.cut_rows() if factor is not None else []
-    device = means[0].device  # where the slices live (the accelerator, for NCCL)
+    device = means[0].device  # where the slices live
+    lower = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
+    upper = torch.tensor([j for _, j in pairs], dtype=torch.long, device=device)
     sums = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     proj = torch.zeros(len(pairs), len(cuts), where.row, dtype=torch.float64, device=device)
-    if where.stop > where.start:
-        first = where.start // where.row
-        rows = (where.stop - 1) // where.row - first + 1
-        local_cuts = [(k, c - first) for k, c in enumerate(cuts) if 0 <= c - first < rows]
-        whole = torch.ones(rows, dtype=torch.bool, device=device)
-        whole[[row for _, row in local_cuts]] = False
-        offset = where.start - first * where.row
-        projected = [_project(m, rows, offset, where.row, factor) for m in means] if factor is not None else []
-        for p, (i, j) in enumerate(pairs):
-            if factor is None:
-                sums[p] = (means[i] - means[j]).double().pow(2).sum()  # as squared_distances does
-                continue
-            y = projected[i] - projected[j]  # = (m_i - m_j) L: each mean is projected once
-            sums[p] = y[whole].pow(2).sum()
+    if where.stop > where.start and pairs:
+        if factor is None:
+            rows_of = torch.stack(means)  # (n, slice)
+        else:
+            first = where.start // where.row
+            rows = (where.stop - 1) // where.row - first + 1
+            local_cuts = [(k, c - first) for k, c in enumerate(cuts) if 0 <= c - first < rows]
+            whole = torch.ones(rows, dtype=torch.bool, device=device)
+            whole[[row for _, row in local_cuts]] = False
+            offset = where.start - first * where.row
+            projected = torch.stack([_project(m, rows, offset, where.row, factor) for m in means])  # (n, rows, r)
+            rows_of = projected[:, whole].reshape(len(means), -1)  # each mean projected once
             for k, row in local_cuts:
-                proj[p, k] = y[row]
+                proj[:, k] = projected[lower, row] - projected[upper, row]
+        gram = _gram(rows_of)
+        norms = gram.diagonal()
+        sums = (norms[lower] + norms[upper] - 2 * gram[lower, upper]).clamp(min=0)
     return torch.cat([sums, proj.reshape(-1)])
+
+
+def _gram(stacked: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """``X X^T`` in float64, a column block at a time (bounded memory at 70B)."""
+    gram = torch.zeros(stacked.shape[0], stacked.shape[0], dtype=torch.float64, device=stacked.device)
+    for start in range(0, stacked.shape[1], chunk):
+        block = stacked[:, start:start + chunk].double()
+        gram.addmm_(block, block.T)
+    return gram
 
 
 def _project(mean: torch.Tensor, rows: int, offset: int, row: int, factor: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from .coordinator import MergeCoordinator
-from .distributed import ReplicatedBank
+from .replicated_bank import ReplicatedBank
 from .merge_policy import Merge
 
 

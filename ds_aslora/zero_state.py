@@ -1,8 +1,8 @@
 """Where a per-layer B's fp32 value and Adam moments live under each ZeRO stage.
 
 Two operations, the only ones a merge coordinator needs:
-  - ``local(param, where)``: this rank's flat slice of the value, for running means
-    (no communication on any stage);
+  - ``local(params, where)``: this rank's flat slice of each value, for running means
+    (no communication on any stage, no copy where the stage allows, one call per step);
   - ``merge(upper, lower, lam)``: the representative's fp32 value and both Adam moments
     become the lam blend, the retired tensor's moments become zero, and the working copy
     the forward reads is refreshed on every rank.
@@ -32,8 +32,8 @@ class WorkingCopySlices:
     from it (equal to the fp32 master in fp32 training; in bf16 it is what the forward uses)."""
 
     @staticmethod
-    def local(param: torch.Tensor, where: FlatSlice) -> torch.Tensor:
-        return where.take(param.detach()).float()
+    def local(params: list[torch.Tensor], where: FlatSlice) -> list[torch.Tensor]:
+        return [where.take(p.detach()).float() for p in params]
 
 
 class TorchState(WorkingCopySlices):
@@ -67,13 +67,30 @@ class Zero3State:
     """ZeRO-3: each B is partitioned on its own into ``ceil(numel / world)`` slices."""
 
     @staticmethod
-    def local(param: torch.Tensor, where: FlatSlice) -> torch.Tensor:
+    def local(params: list[torch.Tensor], where: FlatSlice) -> list[torch.Tensor]:
+        """Views of the fp32 partitions, read where the optimizer keeps them (the accelerator,
+        or host memory under optimizer offload): ``safe_get_local_fp32_param`` would copy each
+        to the device and synchronise a stream per B (560 times a step at 80 layers x 7 types).
+        Falls back to it for optimizer state swapped to NVMe."""
+        from deepspeed.accelerator import get_accelerator
         from deepspeed.utils import safe_get_local_fp32_param
 
-        if param.ds_tensor.numel() != where.part:
-            raise RuntimeError(f"ZeRO-3 slice of {tuple(param.ds_shape)} has {param.ds_tensor.numel()} elements, "
-                               f"expected {where.part}: the partition group must span every rank")
-        return safe_get_local_fp32_param(param)[:where.stop - where.start]
+        for p in params:
+            if p.ds_tensor.numel() != where.part:
+                raise RuntimeError(f"ZeRO-3 slice of {tuple(p.ds_shape)} has {p.ds_tensor.numel()} elements, "
+                                   f"expected {where.part}: the partition group must span every rank")
+        optimizer = params[0]._z3_optimizer if params else None
+        if optimizer is None or any(optimizer._swappable_optimizer_subgroup(g)
+                                    for g in range(len(optimizer.fp32_partitioned_groups_flat))):
+            return [safe_get_local_fp32_param(p)[:where.stop - where.start] for p in params]
+        if not get_accelerator().resolves_data_dependency():
+            optimizer.reduce_and_partition_stream.synchronize()  # once, not per B
+        out = []
+        for p in params:
+            group, offset, numel = optimizer.grad_position[optimizer.get_param_id(p)]
+            flat = optimizer.fp32_partitioned_groups_flat[group]
+            out.append(flat.narrow(0, offset, numel)[:where.stop - where.start])
+        return out
 
     @torch.no_grad()
     def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
@@ -96,6 +113,17 @@ class Zero3State:
             if dist.get_rank() == 0:
                 upper.data.copy_(value.to(upper.dtype))
         upper.all_gather()
+
+
+def gather_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The whole fp32 master of an engine parameter, on every rank. A collective under ZeRO
+    1-3 (every rank calls it, same order); a plain tensor (stage 0, the replicated bank) is
+    its own master."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        return safe_get_full_fp32_param(param).reshape(tuple(getattr(param, "ds_shape", param.shape)))
+    return param.detach().float()
 
 
 def state_access(engine: Any) -> WorkingCopySlices | Zero3State:

@@ -44,3 +44,19 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def adam_atol(lr: float, steps: int) -> float:
+    """Tolerance for adapter weights after ``steps`` Adam-type steps of learning rate ``lr``
+    computed two exact ways (other ranks, stages, reduction orders) in fp32.
+
+    Adam normalises each gradient, so one step moves an element by about ``lr`` whatever the
+    gradient's size; float32 rounding (~1e-7 relative) in the gradients, amplified by that
+    normalisation where a gradient is tiny, perturbs the moves by far less than 1e-3 of them.
+    A real defect (a missed or doubled step, a wrong scale, a wrong merge) moves elements by
+    O(lr). So 1e-3 of the largest total movement separates the two on any machine."""
+    return 1e-3 * lr * steps
+
+
+# fp32 mean cross-entropy over a few hundred logits: rounding of ~1e-7 per operation.
+LOSS_RTOL = 1e-5

@@ -71,3 +71,45 @@ def test_load_compact_reports_bad_input(tmp_path):
                      str(tmp_path / "compact"))
     with pytest.raises(ValueError, match="does not fit"):
         load_compact(tiny_model(num_hidden_layers=2), str(tmp_path / "compact"))
+
+
+def engine_export_worker(rank, stage, out_dir):
+    """bf16 training on ``stage``, then a collective export; returns this rank's fp32 masters
+    and how many files it wrote."""
+    import deepspeed.comm as dist
+
+    import ds_aslora.export as export
+    from ds_aslora.distributed import initialize
+    from ds_aslora.step import micro_step
+    from ds_aslora.zero_state import gather_fp32
+    from test_zero_parity import ds_config
+
+    config = {**ds_config(stage, 1, dist.get_world_size()), "bf16": {"enabled": True}}
+    model = inject_adapters(tiny_model(), AdapterConfig(method="aslora", r=4, target_modules=["q_proj", "v_proj"]))
+    engine, bank = initialize(model, config)
+    for step in range(3):
+        ids = tokens(batch=2, seed=step + 10 * rank)
+        micro_step(engine, {"input_ids": ids, "labels": ids}, bank)
+    writes, save = [], export.save_file
+    export.save_file = lambda tensors, path, **kw: writes.append(path) or save(tensors, path, **kw)
+    export.export_engine(engine, peft_dir=f"{out_dir}/peft", compact_dir=f"{out_dir}/compact")
+    masters = {name: gather_fp32(p) for name, p in engine.module.named_parameters() if p.requires_grad}
+    return masters, len(writes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_export_writes_the_fp32_masters_from_rank_0_only(tmp_path, stage):
+    from multirank import run_ranks
+
+    (masters, writes0), (_, writes1) = run_ranks(engine_export_worker, 2, stage, str(tmp_path))
+    assert (writes0, writes1) == (2, 0)
+    compact = load_file(str(tmp_path / "compact" / "adapter_model.safetensors"))
+    peft = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    rounded = 0
+    for name, master in masters.items():
+        assert master.dtype == torch.float32 and master.numel() > 0
+        torch.testing.assert_close(compact[name], master, rtol=0, atol=0)
+        torch.testing.assert_close(peft[f"base_model.model.{name}.weight"], master, rtol=0, atol=0)
+        rounded += int((master.bfloat16().float() != master).sum())
+    assert rounded > 0  # the masters carry bits a bf16 working copy would have lost

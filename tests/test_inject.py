@@ -17,7 +17,8 @@ def test_all_linear_adapts_every_linear_but_the_head_and_freezes_the_base(family
 
 
 def test_shared_tensors_appear_once_in_parameters_and_state_dict(llama):
-    model = inject_adapters(llama, AdapterConfig(method="sharelora", share="AB", r=2, target_modules=["q_proj", "v_proj"]))
+    cfg = AdapterConfig(method="sharelora", share="AB", r=2, target_modules=["q_proj", "v_proj"])
+    model = inject_adapters(llama, cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["shared_bank.A_q_proj", "shared_bank.B_q_proj", "shared_bank.A_v_proj", "shared_bank.B_v_proj"]
     keys = [k for k in model.state_dict() if "lora" in k or "shared_bank" in k]

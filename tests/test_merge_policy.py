@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ds_aslora import AdapterConfig, MergePolicy
-from ds_aslora.merge_policy import blend, squared_distances, update_running_mean
+from ds_aslora.merge_policy import blend, squared_distances, update_running_means
 
 
 def policy(n=6, **kw):
@@ -80,10 +80,11 @@ def test_plan_rejects_a_wrong_or_non_finite_matrix():
 
 
 def test_running_mean_and_blend_arithmetic():
-    mean = torch.zeros(2)
+    means = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
     for t, v in enumerate([1.0, 2.0, 6.0], start=1):
-        update_running_mean(mean, torch.full((2,), v), t)
-    torch.testing.assert_close(mean, torch.full((2,), 3.0))
+        update_running_means(means, [torch.full((2,), v), torch.full((3,), -v, dtype=torch.bfloat16)], t)
+    torch.testing.assert_close(means[0], torch.full((2,), 3.0))
+    torch.testing.assert_close(means[1], torch.full((3,), -3.0, dtype=torch.float64))
     torch.testing.assert_close(blend(torch.tensor(4.0), torch.tensor(0.0), 0.75), torch.tensor(3.0))
 
 

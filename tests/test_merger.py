@@ -38,8 +38,8 @@ def optimizer_step(model, opt, ids, merger, history):
 def test_first_event_merges_the_closest_running_means_and_blends_value_and_moments():
     base, model, opt, merger, history, ids = train_until_event()
     optimizer_step(model, opt, ids, merger, history)  # step 5: (5 - 3) % 2 == 0, an event
-    snap = {m: [(l.lora_B.detach().clone(), {k: v.clone() for k, v in opt.state[l.lora_B].items()})
-                for l in ls] for m, ls in merger.layers.items()}
+    snap = {m: [(lay.lora_B.detach().clone(), {k: v.clone() for k, v in opt.state[lay.lora_B].items()})
+                for lay in ls] for m, ls in merger.layers.items()}
     plan = merger.after_step(5)
     assert [m.module_type for m in plan] == ["q_proj", "v_proj"]
     for merge in plan:
@@ -74,13 +74,13 @@ def test_tied_layers_train_their_representative_and_stop_at_merge_count():
     r = 4
     assert count_trainable(model) == r * 32 * 2 + 2 * r * 32 + 2 * r * 16  # A_q, A_v + 2 live groups each
     # a retired B gets an exact zero gradient and has zeroed moments: only weight decay moves it
-    retired = [l for ls in merger.layers.values() for l in ls if l.is_tied]
-    frozen = [l.lora_B.detach().clone() for l in retired]
+    retired = [lay for ls in merger.layers.values() for lay in ls if lay.is_tied]
+    frozen = [lay.lora_B.detach().clone() for lay in retired]
     model(ids, labels=ids).loss.backward()
-    assert all(l.lora_B.grad is not None and torch.count_nonzero(l.lora_B.grad) == 0 for l in retired)
+    assert all(lay.lora_B.grad is not None and torch.count_nonzero(lay.lora_B.grad) == 0 for lay in retired)
     opt.step()
     lr, wd = opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
-    for layer, before in zip(retired, frozen):
+    for layer, before in zip(retired, frozen, strict=True):
         torch.testing.assert_close(layer.lora_B.detach(), before * (1 - lr * wd), rtol=1e-6, atol=0)
 
 
@@ -88,7 +88,8 @@ def test_effective_distance_uses_the_shared_A():
     *_, merger, history, _ = train_until_event(merge_distance="effective")
     A = merger.layers["q_proj"][0].weight_A.detach()
     means = [merger.means["q_proj"][i] for i in merger.policy.representatives("q_proj")]
-    torch.testing.assert_close(merger.distances()["q_proj"][0, 1], ((means[0] - means[1]).double() @ A.double()).pow(2).sum())
+    want = ((means[0] - means[1]).double() @ A.double()).pow(2).sum()
+    torch.testing.assert_close(merger.distances()["q_proj"][0, 1], want)
 
 
 def test_state_round_trip_restores_ties_and_means():
@@ -97,7 +98,7 @@ def test_state_round_trip_restores_ties_and_means():
     merger.after_step(5)
     other = LocalMerger(model2)
     other.load_state_dict(merger.state_dict())
-    tied = lambda mg: [[l.tied_to is not None for l in ls] for ls in mg.layers.values()]  # noqa: E731
+    tied = lambda mg: [[lay.tied_to is not None for lay in ls] for ls in mg.layers.values()]  # noqa: E731
     assert tied(other) == tied(merger) and any(any(t) for t in tied(other))
     for m in merger.means:
         assert merger.means[m].keys() == other.means[m].keys()

@@ -39,12 +39,13 @@ def test_forward_equals_folded_weights(case):
 
 @pytest.mark.parametrize("share", ["A", "B"])
 def test_shared_gradient_is_the_sum_over_layers(share):
-    shared = inject_adapters(tiny_model(), AdapterConfig(method="sharelora", share=share, r=4, target_modules=["q_proj"]))
+    cfg = AdapterConfig(method="sharelora", share=share, r=4, target_modules=["q_proj"])
+    shared = inject_adapters(tiny_model(), cfg)
     randomize_adapters(shared)
     private = inject_adapters(tiny_model(), AdapterConfig(method="lora", r=4, target_modules=["q_proj"]))
     key = f"lora_{share}"
     with torch.no_grad():
-        for (_, s), (_, p) in zip(adapter_layers(shared), adapter_layers(private)):
+        for (_, s), (_, p) in zip(adapter_layers(shared), adapter_layers(private), strict=True):
             p.lora_A.copy_(s.weight_A)
             p.lora_B.copy_(s.weight_B)
     ids = tokens()

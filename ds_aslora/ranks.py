@@ -1,0 +1,30 @@
+"""Rank facts and errors that every rank raises together.
+
+A collective job hangs when one rank raises and the others walk into the next collective
+(an all-gather, a barrier) waiting for it. So code that may fail on some ranks only (a file
+one rank cannot read, a write on rank 0) reports through ``raise_together``: every rank
+learns every rank's outcome and all raise the same error, or none does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def raise_together(error: Optional[str], exc_type: type[Exception] = RuntimeError) -> None:
+    """Collective: raise ``exc_type`` on every rank if any rank passed an error message."""
+    errors = [error]
+    world = rank_and_world()[1]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    found = [(rank, e) for rank, e in enumerate(errors) if e]
+    if found:
+        raise exc_type(f"rank {found[0][0]}: {found[0][1]}")
