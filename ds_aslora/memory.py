@@ -1,0 +1,595 @@
+"""Per-GPU memory of LoRA, ShareLoRA and ASLoRA training under DeepSpeed ZeRO, without weights.
+
+Every figure comes from a model built on the meta device (``count.build_on_meta``), so tensor
+sizes are exact and the model-state rows are exact byte counts for this residency policy
+(what ``ds_aslora.distributed.initialize`` sets up):
+
+- Per-layer adapter tensors (``lora_A``/``lora_B`` registered on ``AdapterLinear``) are DeepSpeed
+  engine parameters: a working copy in the training dtype; an fp32 master and two fp32 Adam
+  moments, partitioned over the data-parallel world at stages 1-3 (whole at stage 0); gradients
+  in the working dtype, partitioned at stages 2-3. ZeRO-3 partitions the working copy too, except
+  persistent tensors, kept whole on every GPU: every per-layer B under ASLoRA (its re-ties need
+  it) and any tensor of at most ``stage3_param_persistence_threshold`` elements (DeepSpeed's own
+  rule; 1e5 when unset). For ASLoRA the engine raises the threshold to the largest per-layer B,
+  so frozen base tensors up to that size become persistent too.
+- The SharedBank lives outside ZeRO, replicated: fp32 value, gradient and two Adam moments,
+  16 bytes per parameter on every GPU, whatever the world size.
+- Frozen base weights are in the working dtype: whole at stages 0-2, partitioned at ZeRO-3
+  (persistent ones whole).
+- Offload (ZeRO-3 with ``offload_optimizer`` and ``offload_param`` on cpu, as
+  ``ds_configs/zero3_offload.json``): fp32 master, moments, gradient partitions and the
+  partitions of non-persistent parameters are in host RAM.
+
+Two DeepSpeed internals the policy does not name get rows of their own, because DeepSpeed's
+estimators count them and a GPU must hold them: the fp32 gradient partition its optimizer step
+builds (kept pinned on the host under offload), and ZeRO-3's buffer for gathered parameters.
+Partition sizes follow DeepSpeed: ZeRO-3 pads each tensor to a multiple of the world size,
+stages 1-2 pad the flat group to a multiple of twice the world size.
+
+Activations are an estimate; ``activation_bytes`` documents how it is made.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Optional
+
+from torch import nn
+
+from .count import count_after_merges, count_trainable, numel
+from .inject import BANK_NAME, adapter_config, adapter_layers, layer_index, module_type
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold when unset
+SHARED_MODES = ("replicated", "engine")
+ATTENTIONS = ("sdpa", "eager")
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoder layers whose saved tensors activation_bytes knows
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _ceil_div(n: int, k: int) -> int:
+    return -(-n // k)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model holds
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    numel: int
+    kind: str  # "frozen" | "lora_A" | "lora_B" | "bank"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Every parameter of an adapted model, sorted by who owns it at training time."""
+
+    method: str
+    frozen: tuple[TensorInfo, ...]
+    adapters: tuple[TensorInfo, ...]  # per-layer lora_A / lora_B: DeepSpeed engine parameters
+    bank: tuple[TensorInfo, ...]      # SharedBank tensors
+    largest_module_params: int        # DeepSpeed's "largest layer": most params held by one module itself
+
+    @property
+    def frozen_numel(self) -> int:
+        return sum(t.numel for t in self.frozen)
+
+    @property
+    def adapter_numel(self) -> int:
+        return sum(t.numel for t in self.adapters)
+
+    @property
+    def bank_numel(self) -> int:
+        return sum(t.numel for t in self.bank)
+
+    @property
+    def largest_b(self) -> int:
+        return max((t.numel for t in self.adapters if t.kind == "lora_B"), default=0)
+
+
+def inventory(model: nn.Module) -> Inventory:
+    """Classify every parameter of a freshly adapted model (meta device is fine)."""
+    cfg = adapter_config(model)
+    frozen, adapters, bank = [], [], []
+    for name, p in model.named_parameters():
+        n = numel(p)
+        if name.startswith(BANK_NAME + "."):
+            bank.append(TensorInfo(name, n, "bank"))
+        elif p.requires_grad:
+            kind = name.rsplit(".", 1)[-1]
+            if kind not in ("lora_A", "lora_B"):
+                raise ValueError(f"unexpected trainable parameter {name}: inject_adapters freezes the base model")
+            adapters.append(TensorInfo(name, n, kind))
+        else:
+            frozen.append(TensorInfo(name, n, "frozen"))
+    largest = max((sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    return Inventory(cfg.method, tuple(frozen), tuple(adapters), tuple(bank), largest)
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 persistence
+
+
+def effective_persistence_threshold(inv: Inventory, threshold: Optional[int] = None) -> int:
+    """The stage3_param_persistence_threshold the engine runs with: the user's (DeepSpeed's 1e5
+    when unset), raised for ASLoRA to the largest per-layer B so that every B stays whole."""
+    user = DEEPSPEED_PERSISTENCE_THRESHOLD if threshold is None else int(threshold)
+    return max(user, inv.largest_b) if inv.method == "aslora" else user
+
+
+def _persistent(t: TensorInfo, method: str, threshold: int) -> bool:
+    return (method == "aslora" and t.kind == "lora_B") or t.numel <= threshold
+
+
+def zero3_resident_adapter_numel(model: nn.Module, threshold: Optional[int] = None, *,
+                                 every_adapter: bool = False) -> int:
+    """Per-layer adapter elements ZeRO-3 keeps whole on every GPU (persistent).
+
+    ``every_adapter=True`` gives the previous behaviour, where the engine raised the threshold
+    to the largest adapter tensor and every one of them stayed whole."""
+    inv = inventory(model)
+    if every_adapter:
+        return inv.adapter_numel
+    limit = effective_persistence_threshold(inv, threshold)
+    return sum(t.numel for t in inv.adapters if _persistent(t, inv.method, limit))
+
+
+def zero3_resident_adapter_bytes(model: nn.Module, dtype_bytes: int, threshold: Optional[int] = None, *,
+                                 every_adapter: bool = False) -> int:
+    """Bytes of persistent adapter working copies on every GPU under ZeRO-3: the same on every
+    rank whatever the world size, which is why it decides what fits at 70B."""
+    return dtype_bytes * zero3_resident_adapter_numel(model, threshold, every_adapter=every_adapter)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class _Adapted:
+    r: int
+    d_in: int
+    d_out: int
+    a_cast: bool  # A is a bank tensor in another dtype: each use saves a working-dtype copy
+    b_cast: bool
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of activations for one micro-batch. ``formula`` says which estimate made them."""
+
+    formula: str                      # "llama" (tensor-by-tensor) or "standard" (Korthikanti et al. 2022)
+    per_layer: tuple[int, ...]        # saved for backward by each decoder layer, no checkpointing
+    rotary: int                       # cos/sin, saved once for all layers
+    head: int                         # final norm input, fp32 log-probs, labels, loss
+    head_transient: int               # logits and their fp32 copy while the loss is computed
+    boundary: int                     # one layer's input: what checkpointing keeps per layer
+    standard: int                     # Korthikanti et al. 16-bit estimate, all layers, for reference
+
+    @property
+    def saved(self) -> int:
+        """What autograd holds at the end of the forward without checkpointing."""
+        return sum(self.per_layer) + self.rotary + self.head
+
+    @property
+    def no_checkpointing(self) -> int:
+        return self.saved + self.head_transient
+
+    @property
+    def checkpointing(self) -> int:
+        """Per-layer inputs, plus one layer recomputed in full during its backward."""
+        return (len(self.per_layer) * self.boundary + max(self.per_layer, default=0) + self.rotary
+                + self.head + self.head_transient)
+
+
+def _layer_dims(config) -> tuple[int, int, int, int, int, int]:
+    h, a = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or a
+    hd = getattr(config, "head_dim", None) or h // a
+    return h, a * hd, kv * hd, config.intermediate_size, a, hd
+
+
+def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, dropout: bool, mask: int,
+                 attention: str, tokens: int, seq_len: int) -> tuple[int, bool]:
+    """Bytes one HF Llama/Mistral/Qwen2 decoder layer saves for backward; and whether its rotary
+    embedding is saved. The base is frozen, so a tensor is saved only where some gradient needs
+    it: nothing upstream of the first adapter of layer 0 requires grad (embeddings are frozen)."""
+    h, qd, kvd, f, a, _ = _layer_dims(config)
+    tok, const = 0, 0
+
+    def lora(m: str, d_in: int, input_rg: bool) -> None:
+        nonlocal tok, const
+        info = adapted[m]
+        tok += d * info.r  # A's output, kept for B's gradient
+        if dropout:  # the dropped copy (for A's gradient) and, if the input needs a gradient, the mask
+            tok += d * d_in + (mask * d_in if input_rg else 0)
+        if info.a_cast and input_rg:
+            const += d * info.r * d_in
+        if info.b_cast:
+            const += d * info.d_out * info.r
+
+    has = adapted.__contains__
+    g = not first  # the layer's input requires grad
+    if g:
+        tok += 4 * h + 4  # RMSNorm: fp32 input and rsqrt
+    if any(map(has, QKV)) and not dropout:
+        tok += d * h  # normed input, shared by the q/k/v adapters
+    for m in QKV:
+        if has(m):
+            lora(m, h, g)
+    att_rg = g or any(map(has, QKV))
+    if att_rg:
+        if attention == "sdpa":  # q, k, v, output and fp32 log-sum-exp (GQA in the kernel)
+            tok += d * (2 * qd + 2 * kvd) + 4 * a
+        else:  # q, k and v repeated to every head, fp32 and working-dtype probabilities
+            tok += 3 * d * qd + (4 + d) * a * seq_len
+    if has("o_proj"):
+        if not dropout and (attention == "eager" or not att_rg):
+            tok += d * qd  # o's input; under SDPA it is the saved attention output
+        lora("o_proj", qd, att_rg)
+    mid_rg = att_rg or has("o_proj")
+    if mid_rg:
+        tok += 4 * h + 4
+    if (has("gate_proj") or has("up_proj")) and not dropout:
+        tok += d * h
+    gate_rg, up_rg = mid_rg or has("gate_proj"), mid_rg or has("up_proj")
+    tok += d * f * (2 * gate_rg + up_rg)  # silu input, and the product's two factors
+    for m in ("gate_proj", "up_proj"):
+        if has(m):
+            lora(m, h, mid_rg)
+    if has("down_proj"):
+        if not dropout:
+            tok += d * f
+        lora("down_proj", f, gate_rg or up_rg)
+    return tok * tokens + const, g or has("q_proj") or has("k_proj")  # rotary: q or k needs a gradient
+
+
+def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, seq_len: int,
+                     attention: str = "sdpa", shared_mode: str = "replicated",
+                     dropout_mask_bytes: int = 1) -> ActivationEstimate:
+    """Activation memory of one micro-batch, with and without non-reentrant checkpointing.
+
+    Llama, Mistral and Qwen2 (``formula="llama"``): the tensors autograd saves in transformers'
+    decoder layer, counted one by one for this model's adapters (tests/test_plan.py checks the
+    count against saved-tensor hooks on a small model, to the byte). Per token and layer, with
+    d bytes per element: RMSNorm fp32 inputs 2 x (4h + 4); SDPA q, k, v, output and log-sum-exp
+    d(2h + 2h_kv) + 4a (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
+    adapter's r-dim intermediate d·r; the normed input d·h for q/k/v and for gate/up adapters;
+    down's input d·f if adapted; with dropout a dropped copy and mask per adapter
+    (``dropout_mask_bytes``: 1 on CUDA, whose fused dropout keeps a bool mask; d on CPU). The
+    rotary cos/sin, 2·d·head_dim per position, are kept once. A bank tensor
+    kept in fp32 while the layers run in 16 bit is cast at every use and autograd keeps each
+    copy: d·r·(d_in or d_out) per adapted module, independent of tokens. The head keeps the final
+    norm's fp32 input and fp32 log-probs (4V per token); while the loss runs, the logits and
+    their fp32 copy, (d + 4)·V per token, are also live. With checkpointing (one segment per
+    decoder layer, as transformers does) each layer keeps its input, d·h per token, and the
+    layer being recomputed holds its full set. Not counted: allocator fragmentation, kernel
+    workspaces, the backward's transient gradient buffers (a few d·h per token), ZeRO buckets.
+
+    Other architectures (``formula="standard"``): Korthikanti et al. (2022) for 16-bit GPT
+    blocks, s·b·h·(34 + 5·a·s/h) per layer, and 2·s·b·h per layer boundary with checkpointing.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    config = model.config
+    L, h, a, V = config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.vocab_size
+    tokens, d = micro_batch * seq_len, dtype_bytes
+    standard = L * tokens * (34 * h + 5 * a * seq_len)
+    if getattr(config, "model_type", None) not in LLAMA_LIKE:
+        per_layer = tokens * (34 * h + 5 * a * seq_len)
+        return ActivationEstimate("standard", (per_layer,) * L, 0, 0, 0, 2 * tokens * h, standard)
+    cfg = adapter_config(model)
+    bank_cast = shared_mode == "replicated" and d != 4  # the replicated bank stays fp32
+    layers: list[dict[str, _Adapted]] = [{} for _ in range(L)]
+    for name, layer in adapter_layers(model):
+        i = layer_index(name)
+        if i is None or not 0 <= i < L:
+            raise ValueError(f"adapter {name} is outside the decoder layers; activation_bytes cannot place it")
+        layers[i][module_type(name)] = _Adapted(layer.r, layer.in_features, layer.out_features,
+                                                bank_cast and layer.a_key is not None,
+                                                bank_cast and layer.b_key is not None)
+    per_layer, rotary_saved = [], False
+    for i, adapted in enumerate(layers):
+        saved, rope = _llama_layer(i == 0, adapted, config, d=d, dropout=cfg.dropout > 0, mask=dropout_mask_bytes,
+                                   attention=attention, tokens=tokens, seq_len=seq_len)
+        per_layer.append(saved)
+        rotary_saved |= rope
+    head_dim = _layer_dims(config)[5]
+    rotary = 2 * d * head_dim * seq_len if rotary_saved else 0  # position ids are shared by the batch
+    # labels: int64, padded by one; the shifted view is copied when the batch has several rows
+    labels = 8 * (seq_len + 1) if micro_batch == 1 else 8 * tokens
+    head = tokens * (4 * h + 4 + 4 * V) + labels + 4
+    return ActivationEstimate("llama", tuple(per_layer), rotary, head, (d + 4) * V * tokens,
+                              d * h * tokens, standard)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-GPU table
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """The run a plan is for. ``offload`` is ZeRO-3's optimizer + parameter offload to cpu."""
+
+    zero_stage: int = 3
+    nodes: int = 1
+    gpus_per_node: int = 8
+    dtype: str = "bf16"
+    offload: bool = False
+    micro_batch: int = 1
+    seq_len: int = 4096
+    persistence_threshold: Optional[int] = None  # None: DeepSpeed's default, 1e5
+    shared_mode: str = "replicated"
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.offload and self.zero_stage != 3:
+            raise ValueError("offload is modelled for ZeRO-3 (ds_configs/zero3_offload.json) only")
+        for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.shared_mode not in SHARED_MODES:
+            raise ValueError(f"shared_mode must be one of {list(SHARED_MODES)}, got {self.shared_mode!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    gpu: int   # bytes on each GPU
+    host: int  # bytes of host RAM per GPU process (x gpus_per_node per node)
+    note: str = ""
+
+
+MODEL_STATE_ROWS = ("frozen", "adapter_working", "adapter_resident", "adapter_grads", "adapter_master",
+                    "adapter_moments", "adapter_fp32_grad", "bank")
+
+
+@dataclass
+class MemoryPlan:
+    setup: TrainSetup
+    inventory: Inventory
+    threshold: int                  # persistence threshold in effect (ZeRO-3)
+    resident_adapter_numel: int     # per-layer adapter elements whole on every GPU (ZeRO-3)
+    persistent_frozen_numel: int    # frozen elements whole on every GPU (ZeRO-3)
+    activations: ActivationEstimate
+    rows: list[Row] = field(default_factory=list)
+
+    def row(self, key: str) -> Row:
+        return next(r for r in self.rows if r.key == key)
+
+    @property
+    def model_states(self) -> tuple[int, int]:
+        """(GPU, host) bytes of weights, gradients and optimizer state."""
+        rows = [self.row(k) for k in MODEL_STATE_ROWS]
+        return sum(r.gpu for r in rows), sum(r.host for r in rows)
+
+    def peak_gpu(self, checkpointing: bool) -> int:
+        """Model states + ZeRO-3 gather buffer + activations: an estimate of the peak per GPU."""
+        act = self.row("activations_ckpt" if checkpointing else "activations")
+        return self.model_states[0] + self.row("zero3_gather").gpu + act.gpu
+
+
+def _engine_and_bank(inv: Inventory, setup: TrainSetup) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """(engine parameters, replicated bank tensors) for the setup's shared_mode."""
+    engine, bank = list(inv.adapters), list(inv.bank)
+    if setup.shared_mode == "engine":  # the bank registered in the engine: ordinary engine parameters
+        return engine + bank, []
+    if not engine and bank:
+        raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (sharelora share=AB keeps every "
+                         "trainable tensor in the shared bank): plan it with shared_mode='engine'")
+    return engine, bank
+
+
+def _model_state_rows(inv: Inventory, setup: TrainSetup, *, exact: bool = True, persist: bool = True):
+    """Rows of weights, gradients and optimizer state, in bytes per GPU and per host process.
+
+    ``exact=False, persist=False`` gives the figures DeepSpeed's estimators compute (fractions:
+    no padding, no persistent tensor); the placement rules are the same code."""
+    W, d, stage, off = setup.world, setup.dtype_bytes, setup.zero_stage, setup.offload
+    engine, bank = _engine_and_bank(inv, setup)
+    n_engine = sum(t.numel for t in engine)
+    threshold = effective_persistence_threshold(inv, setup.persistence_threshold)
+    persistent = [t for t in engine if _persistent(t, inv.method, threshold)] if stage == 3 and persist else []
+    frozen_pers = [t for t in inv.frozen if t.numel <= threshold] if stage == 3 and persist else []
+    n_pers, n_frozen_pers = sum(t.numel for t in persistent), sum(t.numel for t in frozen_pers)
+
+    def shard(tensors: list[TensorInfo]):
+        """ZeRO-3: one 1/W partition per tensor, each padded to a multiple of W."""
+        if not exact:
+            return Fraction(sum(t.numel for t in tensors), W)
+        return sum(_ceil_div(t.numel, W) for t in tensors)
+
+    if stage == 3:
+        part = shard(engine)
+    elif stage in (1, 2):  # one flat group, padded to a multiple of 2 x world
+        part = 2 * _ceil_div(n_engine, 2 * W) if exact else Fraction(n_engine, W)
+    else:
+        part = n_engine
+
+    def where(nbytes, offloaded: bool = True):
+        return (0, nbytes) if off and offloaded else (nbytes, 0)
+
+    rows: list[Row] = []
+    if stage == 3:
+        pers_shards = shard(frozen_pers)
+        gpu, host = where(d * (shard(inv.frozen) - pers_shards))
+        rows.append(Row("frozen", "frozen base weights", d * (n_frozen_pers + pers_shards) + gpu, host,
+                        f"1/{W} partitions; {n_frozen_pers:,} persistent elements (<= {threshold:,}) whole"))
+        pers_part = shard(persistent)
+        gpu, host = where(d * (part - pers_part))
+        rows.append(Row("adapter_working", "adapter working copy (partitions)", d * pers_part + gpu, host,
+                        f"1/{W} of every engine adapter tensor"))
+        rows.append(Row("adapter_resident", "ZeRO-3 resident (persistent) adapters", d * n_pers, 0,
+                        f"{n_pers:,} elements whole on every GPU"))
+    else:
+        rows.append(Row("frozen", "frozen base weights", d * inv.frozen_numel, 0, "whole on every GPU"))
+        rows.append(Row("adapter_working", "adapter working copy", d * n_engine, 0, "whole on every GPU"))
+        rows.append(Row("adapter_resident", "ZeRO-3 resident (persistent) adapters", 0, 0, "ZeRO-3 only"))
+    grads = part if stage >= 2 else n_engine
+    rows.append(Row("adapter_grads", "adapter gradients", *where(d * grads),
+                    f"{setup.dtype}, " + (f"1/{W} partition" if stage >= 2 else "whole")))
+    opt = part if stage >= 1 else n_engine
+    master = 0 if stage == 0 and d == 4 else 4 * opt  # fp32 at stage 0: the working copy is the master
+    rows.append(Row("adapter_master", "adapter fp32 master", *where(master),
+                    "the fp32 working copy itself" if master == 0 and n_engine else
+                    (f"1/{W} partition" if stage else "whole")))
+    rows.append(Row("adapter_moments", "adapter Adam moments (2 x fp32)", *where(8 * opt),
+                    f"1/{W} partition" if stage else "whole"))
+    rows.append(Row("adapter_fp32_grad", "adapter fp32 grad partition (DS step)", *where(4 * part if stage else 0),
+                    "DeepSpeed-internal: pinned host buffer" if off else
+                    ("DeepSpeed-internal: built at each optimizer step" if stage else "none at stage 0")))
+    n_bank = sum(t.numel for t in bank)
+    rows.append(Row("bank", "replicated shared bank (16 B/param)", 16 * n_bank, 0,
+                    f"{n_bank:,} params: fp32 value, grad, 2 Adam moments" if n_bank else "nothing shared"))
+    return rows, threshold, n_pers, n_frozen_pers
+
+
+def memory_plan(model: nn.Module, setup: TrainSetup) -> MemoryPlan:
+    """Per-GPU memory table of training ``model`` (adapters injected; meta device is fine)."""
+    inv = inventory(model)
+    rows, threshold, n_pers, n_frozen_pers = _model_state_rows(inv, setup)
+    d = setup.dtype_bytes
+    gather = 2 * d * inv.largest_module_params if setup.zero_stage == 3 else 0
+    rows.append(Row("zero3_gather", "ZeRO-3 gather buffer (DS: 2 x largest module)", gather, 0,
+                    f"largest module: {inv.largest_module_params:,} params" if gather else "ZeRO-3 only"))
+    act = activation_bytes(model, dtype_bytes=d, micro_batch=setup.micro_batch, seq_len=setup.seq_len,
+                           attention=setup.attention, shared_mode=setup.shared_mode)
+    rows.append(Row("activations", "activations, no checkpointing (est.)", act.no_checkpointing, 0,
+                    f"{act.formula} formula"))
+    rows.append(Row("activations_ckpt", "activations, checkpointing (est.)", act.checkpointing, 0,
+                    "non-reentrant, one segment per decoder layer"))
+    return MemoryPlan(setup, inv, threshold, n_pers, n_frozen_pers, act, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with DeepSpeed's own estimators
+
+
+@dataclass(frozen=True)
+class EstimatorCheck:
+    what: str
+    ours: int
+    deepspeed: int
+    note: str
+
+    @property
+    def agrees(self) -> bool:
+        return self.ours == self.deepspeed
+
+
+def deepspeed_estimator_checks(inv: Inventory, setup: TrainSetup) -> list[EstimatorCheck]:
+    """Our rows against ``estimate_zero{2,3}_model_states_mem_needs`` (the functions behind
+    DeepSpeed's ``*_all_cold`` printers), term by term.
+
+    Those estimators assume every parameter is trainable and 16-bit, so they get the frozen
+    count for the weight share and the engine adapter count for optimizer state, no buffer
+    factor, and their sums are taken apart:
+
+    - ZeRO-3 with ``cpu_offload`` of the optimizer only: GPU = 4·largest + 2P/W (16-bit
+      partitions); host per node = 16P/nodes, i.e. 16 B/param/W per GPU (fp32 master 4 +
+      moments 8 + fp32 gradient 4). The same share sits on the GPU without offload.
+    - ZeRO-2 with ``cpu_offload``: GPU = 2P (whole 16-bit weights); without: GPU = 2P + 18P/W,
+      18 = 16-bit grad 2 + fp32 grad 4 + fp32 master 4 + moments 8 (DeepSpeed's own comment).
+
+    Ours come from the same row code with DeepSpeed's padding and ZeRO-3 persistence turned
+    off, which is all the plan's rows add. Empty for fp32 (the estimators assume 16-bit) and
+    stage 0 (no estimator).
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if setup.dtype_bytes != 2 or setup.zero_stage == 0:
+        return []
+    nodes, gpn = setup.nodes, setup.gpus_per_node
+    hw = dict(num_gpus_per_node=gpn, num_nodes=nodes, additional_buffer_factor=1)
+    engine, _ = _engine_and_bank(inv, setup)
+    n, frozen = sum(t.numel for t in engine), inv.frozen_numel
+    # ZeRO-1 differs from ZeRO-2 only in keeping 16-bit gradients whole; DeepSpeed has no ZeRO-1 estimator
+    cmp_setup = replace(setup, zero_stage=2) if setup.zero_stage == 1 else setup
+    rows = {r.key: r for r in _model_state_rows(inv, cmp_setup, exact=False, persist=False)[0]}
+
+    def total(*keys: str) -> Fraction:
+        return sum((Fraction(rows[k].gpu) + Fraction(rows[k].host) for k in keys), Fraction(0))
+
+    checks = []
+    if setup.zero_stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(frozen, 0, cpu_offload=True, cpu_offload_params=False,
+                                                          zero_init=True, **hw)
+        checks.append(EstimatorCheck("frozen 16-bit weights per GPU (partitioned)", math.floor(total("frozen")), gpu,
+                                     "the row adds persistent tensors whole, and padding"))
+        cpu, _, _ = estimate_zero3_model_states_mem_needs(n, 0, cpu_offload=True, cpu_offload_params=False,
+                                                          zero_init=True, **hw)
+        checks.append(EstimatorCheck(
+            "adapter fp32 master + moments + fp32 grad per node", math.floor(gpn * total(
+                "adapter_master", "adapter_moments", "adapter_fp32_grad")), cpu,
+            "DeepSpeed's offloaded-optimizer host figure; gpus_per_node x our rows"))
+    else:
+        _, gpu = estimate_zero2_model_states_mem_needs(frozen, cpu_offload=True, **hw)
+        checks.append(EstimatorCheck("frozen 16-bit weights per GPU (whole)", math.floor(total("frozen")), gpu,
+                                     "stages 0-2 keep them whole"))
+        _, gpu_off = estimate_zero2_model_states_mem_needs(n, cpu_offload=True, **hw)
+        checks.append(EstimatorCheck("adapter 16-bit working copy per GPU (whole)",
+                                     math.floor(total("adapter_working")), gpu_off, "stages 0-2 keep it whole"))
+        _, gpu_on = estimate_zero2_model_states_mem_needs(n, cpu_offload=False, **hw)
+        checks.append(EstimatorCheck(
+            "adapter grads + fp32 grad + master + moments per GPU", math.floor(total(
+                "adapter_grads", "adapter_fp32_grad", "adapter_master", "adapter_moments")), gpu_on - 2 * n,
+            "ZeRO-2 placement; ZeRO-1 keeps the 16-bit gradients whole" if setup.zero_stage == 1
+            else "the rows add DeepSpeed's padding"))
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Counts
+
+
+def schedule_merges(model: nn.Module) -> int:
+    """Merges per module type ASLoRA's schedule stops at: merge_count, or down to
+    target_groups, or (neither set) down to one group."""
+    cfg = adapter_config(model)
+    per_type: dict[str, int] = {}
+    for name, layer in adapter_layers(model):
+        if layer.b_key is None:
+            per_type[module_type(name)] = per_type.get(module_type(name), 0) + 1
+    groups = max(per_type.values(), default=1)
+    if cfg.merge_count is not None:
+        return min(cfg.merge_count, groups - 1)
+    if cfg.target_groups is not None:
+        return max(groups - cfg.target_groups, 0)
+    return groups - 1
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, Optional[int]]:
+    """Exact trainable parameters now and, for ASLoRA, once its merge schedule is done."""
+    now = count_trainable(model)
+    if adapter_config(model).method != "aslora":
+        return now, None
+    return now, count_after_merges(model, schedule_merges(model))
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+__all__ = ["TrainSetup", "MemoryPlan", "Row", "Inventory", "TensorInfo", "ActivationEstimate", "EstimatorCheck",
+           "inventory", "memory_plan", "activation_bytes", "effective_persistence_threshold",
+           "zero3_resident_adapter_numel", "zero3_resident_adapter_bytes", "deepspeed_estimator_checks",
+           "trainable_counts", "schedule_merges", "format_bytes", "DTYPE_BYTES", "DEEPSPEED_PERSISTENCE_THRESHOLD"]

@@ -1,0 +1,1 @@
+"""The training job (``launch/train.py``): run configuration, data, and the loop's parts."""
