@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.utils import log_dist
@@ -32,6 +34,8 @@ from .ranks import raise_together, rank_and_world
 from .replicated_bank import ReplicatedBank
 
 MEANS_FILE = "merge_means_rank{rank:05d}.pt"
+RNG_FILE = "rng_state_rank{rank:05d}.pt"
+ADAPTER_DIR = "adapter"
 META_FILE = "ds_aslora.json"
 LATEST = "latest"
 
@@ -86,9 +90,37 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def rng_state() -> dict:
+    """This rank's random generators (dropout, sampling): each rank draws its own stream."""
+    from deepspeed.accelerator import get_accelerator
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain tuples only, so loading needs no unpickling (torch.load weights_only=True)
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
 def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, bank: Optional[ReplicatedBank] = None,
-                    merger: Optional[MergeCoordinator] = None, client_state: Optional[dict] = None) -> str:
-    """Collective: every rank calls it at the same step. Returns the checkpoint folder."""
+                    merger: Optional[MergeCoordinator] = None, client_state: Optional[dict] = None,
+                    export_adapter: bool = False) -> str:
+    """Collective: every rank calls it at the same step. Returns the checkpoint folder.
+    ``export_adapter``: also write the compact adapter (fp32 masters) to ``<folder>/adapter``,
+    so ``launch/export.py`` can turn any checkpoint into a peft or merged model offline."""
     rank, world = rank_and_world()
     tag = str(tag or f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)
@@ -97,11 +129,17 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
         _set_aside(save_dir, tag)
     _barrier()
     state = {"client": dict(client_state or {})}
+    os.makedirs(folder, exist_ok=True)
+    rng = rng_state()
+    atomic_write(os.path.join(folder, RNG_FILE.format(rank=rank)), lambda tmp: torch.save(rng, tmp))
+    if export_adapter:
+        from .export import export_engine
+
+        export_engine(engine, compact_dir=os.path.join(folder, ADAPTER_DIR))
     if bank is not None:
         state["shared_bank"] = bank.state_dict()
     if merger is not None:
         state["merge"] = merger.state_dict()
-        os.makedirs(folder, exist_ok=True)
         means = merger.local_state_dict()
         atomic_write(os.path.join(folder, MEANS_FILE.format(rank=rank)), lambda tmp: torch.save(means, tmp))
     # DeepSpeed's own ``latest`` is written by rank 0 without waiting for the other ranks'
@@ -163,7 +201,7 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
     """Collective. Restores engine, bank and merge state (ties included) before training
     continues; returns the ``client_state`` given to ``save_checkpoint``. A checkpoint that
     holds a bank or merge state must be given ``bank=`` / ``merger=``."""
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
     try:
         tag, meta = _check(load_dir, tag, engine, world, bank, merger)
         error = None
@@ -176,6 +214,12 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
                               f"expected {meta['global_steps']})")
     if bank is not None:
         bank.load_state_dict(client["shared_bank"])
+    rng_file = os.path.join(load_dir, tag, RNG_FILE.format(rank=rank))
+    if meta["world_size"] == world and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        log_dist(f"random generators not restored (checkpoint from {meta['world_size']} ranks, now {world})",
+                 ranks=[0])
     if merger is not None:
         def read_local(r: int) -> dict:
             return torch.load(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)), map_location="cpu",

@@ -73,7 +73,8 @@ class MergeCoordinator:
                           for i in range(len(ls))} for m, ls in self.layers.items()}
         self.observations = 0
         self.event_due = False
-        self.last_distances: dict[str, torch.Tensor] = {}
+        self.last_distances: dict[str, torch.Tensor] = {}  # squared, between the groups of last_groups
+        self.last_groups: dict[str, list[tuple[int, ...]]] = {}
         self.perturb_plan = perturb_plan
         self._seen_step = engine.global_steps
         self.initial_trainable = count_trainable(engine.module)
@@ -129,7 +130,11 @@ class MergeCoordinator:
         for every module type with merges left, from one all-reduce."""
         effective = self.cfg.merge_distance == "effective"
         todo = [m for m in sorted(self.layers) if self.policy.merges_left(m) > 0]
-        pairs = {m: self.policy.candidate_pairs(m) for m in todo}
+        # every pair, not only the candidates: one Gram matrix gives them all, and the whole
+        # matrix is what a person looks at (TensorBoard heatmaps); the policy reads candidates
+        sizes = {m: len(self.policy.groups[m]) for m in todo}
+        pairs = {m: [(i, j) for i in range(n) for j in range(i + 1, n)] for m, n in sizes.items()}
+        self.last_groups = {m: list(self.policy.groups[m]) for m in todo}
         terms = []
         for mtype in todo:
             means = [self.means[mtype][rep] for rep in self.policy.representatives(mtype)]
@@ -199,7 +204,8 @@ class MergeCoordinator:
     def state_dict(self) -> dict:
         """What every rank shares: groups, merge history (steps, distances), observations."""
         return {"policy": self.policy.state_dict(), "observations": self.observations, "event_due": self.event_due,
-                "last_distances": {m: d.clone() for m, d in self.last_distances.items()}}
+                "last_distances": {m: d.clone() for m, d in self.last_distances.items()},
+                "last_groups": {m: [list(g) for g in gs] for m, gs in self.last_groups.items()}}
 
     def local_state_dict(self) -> dict:
         """This rank's running-mean slices and where they sit in the full tensors."""
@@ -214,6 +220,7 @@ class MergeCoordinator:
         self.policy.load_state_dict(state["policy"])
         self.observations, self.event_due = state["observations"], state["event_due"]
         self.last_distances = dict(state["last_distances"])
+        self.last_groups = {m: [tuple(g) for g in gs] for m, gs in state.get("last_groups", {}).items()}
         needed = sorted({r for where in self.slices.values() for r in _overlapping(where, saved_world)})
         files = {r: read_local(r) for r in needed}
         self.means = {}

@@ -18,7 +18,7 @@ One precision and residency policy on every stage:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import deepspeed
 import torch
@@ -122,12 +122,14 @@ def refuse_unmanaged_accumulation(ds_config: dict) -> None:
                          "at the engine's accumulation boundary, before engine.step(); remove the key")
 
 
-def initialize(model: nn.Module, ds_config: dict,
-               shared_mode: str = "replicated") -> tuple[Any, Optional[ReplicatedBank]]:
+def initialize(model: nn.Module, ds_config: dict, shared_mode: str = "replicated",
+               lr_schedule: Optional[Callable[[int], float]] = None) -> tuple[Any, Optional[ReplicatedBank]]:
     """``deepspeed.initialize`` over the per-layer adapters and, per ``shared_mode``, the
     bank replicated beside the engine (``replicated``, the product shape) or registered
     inside it like any parameter (``engine``: exact joint clipping; the reference in tests).
-    Returns ``(engine, replicated_bank_or_None)``."""
+    ``lr_schedule(k)``: the learning rate of optimizer step k (1-based), driven by a torch
+    LambdaLR that the engine steps and checkpoints (instead of a DeepSpeed ``scheduler``;
+    the bank reads the engine's lr). Returns ``(engine, replicated_bank_or_None)``."""
     if shared_mode not in SHARED_MODES:
         raise ValueError(f"shared_mode must be one of {list(SHARED_MODES)}, got {shared_mode!r}")
     refuse_unmanaged_accumulation(ds_config)
@@ -145,7 +147,16 @@ def initialize(model: nn.Module, ds_config: dict,
                          "keeps every trainable tensor in the shared bank): use shared_mode='engine'")
     cast_adapters(model, working_dtype(ds_config))
     ds_config = zero3_residency(model, ds_config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    scheduler = None
+    if lr_schedule is not None:
+        if "scheduler" in ds_config:
+            raise ValueError("pass lr_schedule or a DeepSpeed 'scheduler' section, not both")
+        base = float(ds_config["optimizer"]["params"]["lr"])
+
+        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_schedule(i + 1) / base)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                      lr_scheduler=scheduler)
     check_tied_bs_resident(engine.module)
     if not replicated:
         return engine, None

@@ -1,0 +1,182 @@
+"""The training loop: one function that reads top to bottom as one optimizer step does.
+
+Per optimizer step: this rank's micro-batches of the global batch (``GlobalBatches``), each
+through ``micro_step`` (forward, backward, the bank's all-reduce at the boundary, the engine's
+and the bank's updates, ASLoRA's merges), the loss normalised by the global batch's target
+tokens, a NaN check agreed by all ranks, then logging, evaluation and checkpoints at their
+intervals. The learning rate comes from the engine's schedule (``lr_at``, set up by the job).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..coordinator import MergeCoordinator
+from ..count import count_trainable
+from ..ranks import rank_and_world
+from ..replicated_bank import ReplicatedBank
+from ..step import micro_step
+from .data import EvalBatches, GlobalBatches
+from .run_config import Derived, lr_at
+from .tensorboard_log import RunLogger
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the run stops before anything poisoned is saved."""
+
+
+@dataclass
+class Job:
+    """What the loop drives; built by ``job.build_job``."""
+
+    engine: Any
+    bank: Optional[ReplicatedBank]
+    merger: Optional[MergeCoordinator]
+    derived: Derived
+    train_data: Any  # tokenised datasets.Dataset
+    eval_data: Any
+    pad_id: int
+    seed: int
+    logger: RunLogger
+    log_interval: int
+    eval_interval: int
+    eval_batches: Optional[int]
+    save_interval: int
+    save: Callable[[int], None]  # collective: checkpoint at this step
+    history: list[dict] = field(default_factory=list)  # what was logged, for tests and the summary
+
+
+def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory of this process, or its peak resident host memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def grad_norm(job: Job) -> Optional[float]:
+    """Norm of the last step's gradients: the engine's tensors and the bank's together."""
+    engine_norm = job.engine.get_global_grad_norm()
+    bank_norm = job.bank.grad_norm if job.bank is not None else None
+    parts = [float(n) for n in (engine_norm, bank_norm) if n is not None]
+    return math.sqrt(sum(n * n for n in parts)) if parts else None
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> dict[str, float]:
+    """Mean loss per target token over the eval set (every rank takes part: ZeRO-3 forwards
+    are collective), and its perplexity."""
+    engine = job.engine
+    rank, world = rank_and_world()
+    engine.eval()
+    local = [0.0, 0.0]
+    for step in EvalBatches(job.eval_data, micro_batch_size=job.derived.micro_batch_size, world_size=world,
+                            rank=rank, pad_id=job.pad_id, max_batches=job.eval_batches):
+        batch = {k: v.to(engine.device) for k, v in step.micro_batches[0].items()}
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        # num_items_in_batch=1: the summed cross-entropy of this micro-batch
+        loss_sum = engine(**batch, num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
+        local[0] += float(loss_sum) if targets else 0.0
+        local[1] += targets
+    engine.train()
+    total, count = _all_reduce_sum(local, engine.device)
+    loss = total / max(count, 1)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/target_tokens": count}
+
+
+@torch.no_grad()
+def generate(engine: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy continuation, run by every rank alike (ZeRO-3 forwards are collective)."""
+    engine.eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(engine.device)
+    for _ in range(max_new_tokens):
+        next_id = engine(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+        if tokenizer.eos_token_id is not None and int(next_id) == tokenizer.eos_token_id:
+            break
+    engine.train()
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def _log_merges(job: Job, step: int, merges: list) -> None:
+    merger = job.merger
+    job.logger.merge_event(step, merges)
+    job.logger.distance_heatmaps(step, merger.last_distances, merger.last_groups, merger.policy.num_layers)
+
+
+def train(job: Job, start_step: int) -> list[dict]:
+    """Optimizer steps ``start_step + 1 .. max_steps`` (``start_step``: steps already taken, e.g.
+    restored from a checkpoint). Returns the logged records."""
+    from tqdm import tqdm
+
+    engine, derived = job.engine, job.derived
+    rank, world = rank_and_world()
+    batches = GlobalBatches(job.train_data, micro_batch_size=derived.micro_batch_size,
+                            gradient_accumulation_steps=derived.gradient_accumulation_steps, world_size=world,
+                            rank=rank, seed=job.seed, pad_id=job.pad_id, start_step=start_step)
+    per_rank_share = derived.gradient_accumulation_steps * world
+    bar = tqdm(total=derived.max_steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+    engine.train()
+    for step_batch in batches:
+        step = step_batch.step + 1  # the optimizer step being taken, 1-based
+        if step > derived.max_steps:
+            break
+        started = time.perf_counter()
+        # Each micro-batch's loss is its summed cross-entropy / (global target tokens / (accumulation x world)):
+        # the engine divides by the accumulation and averages ranks, so the step's gradient is that of the
+        # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
+        n_items = torch.tensor(max(step_batch.global_target_tokens, 1) / per_rank_share, device=engine.device)
+        local_loss, local_tokens, merges = 0.0, 0, []
+        for micro in step_batch.micro_batches:
+            batch = {k: v.to(engine.device) for k, v in micro.items()}
+            loss, applied = micro_step(engine, {**batch, "num_items_in_batch": n_items}, job.bank, job.merger)
+            local_loss += float(loss)
+            local_tokens += int(batch["attention_mask"].sum())
+            merges += applied
+        summed_loss, tokens, bad = _all_reduce_sum(
+            [local_loss, local_tokens, float(not math.isfinite(local_loss))], engine.device)
+        if bad:  # every rank sees the same sum: all stop together, before any save
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (data position {step_batch.step}, "
+                                f"epoch {step_batch.epoch}); no checkpoint was written for it")
+        loss = summed_loss / per_rank_share
+        elapsed = time.perf_counter() - started
+        window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
+                  "tokens": window["tokens"] + tokens, "seconds": window["seconds"] + elapsed}
+        if merges:
+            _log_merges(job, step, merges)
+        record: dict[str, Any] = {"step": step, "train/loss": loss}
+        if step % job.log_interval == 0 or step == derived.max_steps:
+            record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr_at(step, derived),
+                           "train/grad_norm": grad_norm(job),
+                           "train/tokens_per_second": window["tokens"] / window["seconds"],
+                           "memory/peak_gib": peak_memory_gib(), "params/trainable": count_trainable(engine.module)})
+            if job.merger is not None:
+                record.update({f"aslora/live_B_groups/{m}": n for m, n in job.merger.policy.live_groups().items()})
+            job.logger.scalars(step, {k: v for k, v in record.items() if k != "step"})
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}",
+                            tok_s=f"{record['train/tokens_per_second']:.0f}")
+            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+        if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0
+                                                                 or step == derived.max_steps):
+            scores = evaluate(job)
+            record.update(scores)
+            job.logger.scalars(step, scores)
+        job.history.append(record)
+        bar.update(1)
+        if job.save_interval and step % job.save_interval == 0 or step == derived.max_steps:
+            job.save(step)
+    bar.close()
+    return job.history

@@ -1,0 +1,104 @@
+"""The base model and its tokenizer, as the job loads them: a local folder, the embedded
+default (SmolLM2-135M-Instruct, converted once into the cache) or ``tiny`` (a small random
+Llama with a byte-level tokenizer, for smoke tests). Under ZeRO-3 the model is partitioned
+while it loads (``ds_aslora.model.load_base_model``)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..model import load_base_model
+
+TINY = "tiny"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built in memory (no files, no hub): 256 byte tokens + bos/eos/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_config(vocab_size: int = 259) -> Any:
+    """A 4-layer Llama sized for the byte tokenizer (ids 256-258: bos, eos, pad)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+
+
+def resolve_model_path(model: Optional[str]) -> str:
+    """``None``: the embedded default, converted once per machine (the cache build is locked,
+    so local ranks wait for one build). Otherwise the given folder or ``tiny``."""
+    if model is not None:
+        return model
+    from .assets import default_model_dir
+
+    return default_model_dir()
+
+
+def check_model_folder(path: str) -> None:
+    """A clear error before transformers' own, for the common mistakes."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} not found (no hub access at run time: pass a local "
+                                f"Hugging Face folder, 'tiny', or nothing for the embedded default)")
+    files = os.listdir(path)
+    if "config.json" not in files:
+        raise FileNotFoundError(f"model folder {path!r} has no config.json")
+    if not any(f.endswith((".safetensors", ".bin")) or f.endswith(".index.json") for f in files):
+        raise FileNotFoundError(f"model folder {path!r} has no weights (*.safetensors or *.bin)")
+
+
+def load_model_and_tokenizer(model: Optional[str], ds_config: dict, dtype: str, *, seed: int,
+                             trust_remote_code: bool = False) -> tuple[nn.Module, Any, Optional[Any], str]:
+    """``(model, tokenizer, keep_alive, source)``: a frozen causal LM (partitioned under ZeRO-3;
+    hold ``keep_alive`` for the run) and its tokenizer with a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .data import ensure_pad_token
+
+    torch_dtype = DTYPES[dtype]
+    if model == TINY:
+        tokenizer = byte_tokenizer()
+        keep_alive = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+        torch.manual_seed(seed)  # every rank builds the same weights
+        base = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch_dtype)
+        base.requires_grad_(False)
+        source = TINY
+    else:
+        path = resolve_model_path(model)
+        check_model_folder(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        base, keep_alive = load_base_model(path, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        source = path
+    ensure_pad_token(tokenizer)
+    check_vocabulary(base, tokenizer, source)
+    return base, tokenizer, keep_alive, source
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, source: str) -> None:
+    """A tokenizer with ids the embedding table does not have would index out of range mid-run."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model's embedding table "
+                         f"has {rows} rows: they do not belong together")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant recomputation: exact with shared adapter tensors (deepspeed-notes E3)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

@@ -1,0 +1,13 @@
+"""The fine-tuning job: ``deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] [--flags]``.
+
+Also runs under ``torchrun`` and with plain ``python`` (one process). Every option: ``--help``.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from ds_aslora.train.job import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
