@@ -1,6 +1,6 @@
 """DeepSpeed JSON configs: load one and fill its ``"auto"`` values from the run's settings.
 
-The shipped ``ds_configs/*.json`` leave batch sizes, optimizer and scheduler numbers,
+The shipped ``ds_configs/*.json`` leave batch sizes, optimizer numbers,
 precision and TensorBoard paths as ``"auto"``, so one file serves every model and run; the
 values come from one place (our run config) and an ``"auto"`` left without a value is an
 error naming its key, never a silent DeepSpeed default.
@@ -58,7 +58,7 @@ def fill_auto(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 def auto_values(*, micro_batch: int, grad_accum: int, world_size: int, lr: float, weight_decay: float = 0.0,
                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip: float = 1.0,
-                bf16: bool = False, total_steps: int = 1000, warmup_steps: int = 0,
+                bf16: bool = False,
                 tensorboard_dir: str | None = None, job_name: str = "ds_aslora", hidden_size: int = 4096) -> dict:
     """The values of every ``"auto"`` key the shipped configs use, from run settings."""
     return {
@@ -71,8 +71,6 @@ def auto_values(*, micro_batch: int, grad_accum: int, world_size: int, lr: float
         "optimizer.params.betas": list(betas),
         "optimizer.params.eps": eps,
         "optimizer.params.weight_decay": weight_decay,
-        "scheduler.params.total_num_steps": max(total_steps, warmup_steps + 1),
-        "scheduler.params.warmup_num_steps": warmup_steps,
         "tensorboard.enabled": tensorboard_dir is not None,
         "tensorboard.output_path": tensorboard_dir or "",
         "tensorboard.job_name": job_name,

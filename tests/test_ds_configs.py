@@ -14,8 +14,7 @@ SHIPPED = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
 
 
 def cpu_run_values(world):
-    return auto_values(micro_batch=2, grad_accum=2, world_size=world, lr=1e-3, clip=1.0, total_steps=10,
-                       warmup_steps=2, hidden_size=32)
+    return auto_values(micro_batch=2, grad_accum=2, world_size=world, lr=1e-3, clip=1.0, hidden_size=32)
 
 
 def test_all_three_configs_ship():

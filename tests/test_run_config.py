@@ -204,14 +204,15 @@ def test_dtype_auto_follows_an_explicit_deepspeed_setting_then_the_device():
 
 # ---------------------------------------------------------------------------------------- DeepSpeed config
 
-def test_shipped_config_is_filled_and_its_scheduler_replaced(caplog):
+def test_shipped_config_is_filled_and_a_scheduler_replaced(caplog):
     run = parse("--learning_rate", "3e-4", "--micro_batch_size", "2", "--gradient_accumulation_steps", "8",
                 "--max_steps", "500", "--warmup_steps", "25", "--weight_decay", "0.01", "--run_name", "r1")
-    ds_json = load_ds_config(ZERO3)
+    # the shipped configs have no scheduler (the loop drives the lr); a user's WarmupCosineLR is replaced
+    ds_json = {**load_ds_config(ZERO3), "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto"}}}
     d = derive(run, 4, ds_json, ds_path=ZERO3, on_gpu=True)
     with caplog.at_level(logging.INFO, logger="ds_aslora.train.run_config"):
         filled = deepspeed_config(ds_json, d, "out/runs", ds_path=ZERO3, hidden_size=64)
-    assert auto_paths(filled) == [] and "scheduler" not in filled and "scheduler" in ds_json
+    assert auto_paths(filled) == [] and "scheduler" not in filled and "scheduler" not in load_ds_config(ZERO3)
     assert "DeepSpeed scheduler WarmupCosineLR in" in caplog.text and "is replaced" in caplog.text
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
             filled["train_batch_size"], filled["gradient_clipping"]) == (2, 8, 64, 1.0)

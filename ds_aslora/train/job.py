@@ -25,7 +25,7 @@ from ..distributed import initialize
 from ..ds_config import load_ds_config
 from ..export import export_engine
 from ..inject import inject_adapters
-from ..ranks import rank_and_world
+from ..ranks import raise_together, rank_and_world
 from . import assets
 from .data import prepare_data
 from .loop import Job, evaluate, generate, train
@@ -104,6 +104,31 @@ def check_output_dir(run: RunConfig) -> Optional[tuple[str, str]]:
     return None
 
 
+def check_shared_filesystem(out: str) -> None:
+    """Checkpoints are read across ranks: every rank must see a file global rank 0 wrote in the
+    output directory (one node always does; several need a shared filesystem)."""
+    import socket
+    import uuid
+
+    rank, world = rank_and_world()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".shared_filesystem_check")
+    token = [f"{socket.gethostname()}:{uuid.uuid4().hex}"]
+    if world > 1:
+        dist.broadcast_object_list(token, src=0)
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write(token[0])
+    _barrier()
+    seen = open(path).read() if os.path.isfile(path) else None
+    error = None if seen == token[0] else (
+        f"{socket.gethostname()} does not see the file rank 0 ({token[0].split(':')[0]}) wrote in output_dir "
+        f"{out!r}: checkpoints need a filesystem every node shares (point output_dir at it)")
+    raise_together(error, ConfigError)
+    if rank == 0:
+        os.remove(path)
+
+
 def model_width(model: Optional[str]) -> int:
     """hidden_size, for ZeRO-3's bucket sizes (the DeepSpeed config's ``"auto"`` values)."""
     if model == TINY:
@@ -170,6 +195,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if resume_from is not None:
         load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
         say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}")
+    check_shared_filesystem(out)
     if rank == 0:
         save_resolved(run, ds_config, out)
     logger = RunLogger(out, derived.run_name, enabled=rank == 0)
@@ -268,6 +294,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import deepspeed
 
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one, not MPI discovery
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     deepspeed.init_distributed()
     try:
         try:
@@ -277,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
             return 2
         report(execute(prepared))
+        # No rank tears down while another still talks to it: gloo/NCCL threads of a peer that
+        # left mid-collective are what abort a finished job at exit.
+        _barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

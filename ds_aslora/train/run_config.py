@@ -582,8 +582,7 @@ def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_d
                  derived.learning_rate, derived.lr_scheduler, derived.max_steps)
     values = auto_values(micro_batch=derived.micro_batch_size, grad_accum=derived.gradient_accumulation_steps,
                          world_size=derived.world_size, lr=derived.learning_rate, weight_decay=derived.weight_decay,
-                         clip=derived.max_grad_norm, bf16=derived.dtype == "bf16", total_steps=derived.max_steps,
-                         warmup_steps=derived.warmup_steps, tensorboard_dir=tensorboard_dir,
+                         clip=derived.max_grad_norm, bf16=derived.dtype == "bf16", tensorboard_dir=tensorboard_dir,
                          job_name=derived.run_name, hidden_size=hidden_size or 1)
     values["fp16.enabled"] = derived.dtype == "fp16"
     if hidden_size is None:  # no model width: leave ZeRO-3's bucket "auto"s for fill_auto to name

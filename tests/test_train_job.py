@@ -1,0 +1,204 @@
+"""launch/train.py through the real DeepSpeed launcher on CPU ranks, as a user runs it.
+
+A tiny Llama with a byte-level tokenizer saved as a Hugging Face folder, Shakespeare text as
+jsonl: every method trains under ZeRO-2 and ZeRO-3, one rank with accumulation equals two
+ranks, a resume reproduces the uninterrupted run across a merge event, the exports reproduce
+the job's eval loss in peft and in transformers, and TensorBoard holds what was logged.
+"""
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multirank import _free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+METHODS = {"lora": ["--method", "lora"], "shareA": ["--method", "sharelora", "--share", "A"],
+           "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--target_groups", "2"]}
+COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r", "4", "--alpha", "8",
+          "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A saved tiny base model + tokenizer, and train/eval jsonl files of Shakespeare."""
+    from ds_aslora.train.assets import shakespeare_paths, text_rows
+    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("job")
+    base = str(root / "base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
+    train_txt, heldout_txt = shakespeare_paths()
+    for name, path, chars in (("train", train_txt, 12000), ("eval", heldout_txt, 3000)):
+        with open(path) as f:
+            rows = text_rows(f.read()[:chars], chars_per_row=200)
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": row}) + "\n" for row in rows)
+    return {"base": base, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "root": root}
+
+
+def launch(assets, out, *args, ranks=2, stage=3, check=True):
+    """One job through the deepspeed launcher; every finished job must exit 0 (no teardown abort)."""
+    port = _free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),
+           "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", assets["base"],
+           "--data", assets["train"], "--eval_data", assets["eval"], "--output_dir", str(out), *COMMON, *args]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+            os.remove(path)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = glob.glob(os.path.join(out, "runs", "*"))
+    acc = EventAccumulator(run, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}, acc
+
+
+_RUNS = {}
+
+
+def trained(assets, stage, method, steps=6):
+    """Memoised: one job per (stage, method)."""
+    key = (stage, method, steps)
+    if key not in _RUNS:
+        out = assets["root"] / f"{method}-zero{stage}"
+        launch(assets, out, *METHODS[method], "--max_steps", str(steps), "--learning_rate", "1e-2", stage=stage)
+        _RUNS[key] = str(out)
+    return _RUNS[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_and_held_out_loss_falls(assets, stage, method):
+    out = trained(assets, stage, method)
+    losses, _ = scalars(out, "eval/loss")
+    assert set(losses) == {0, 6} and losses[6] < losses[0] - 0.05, losses
+    for name in ("run_config.yaml", "ds_config.json", "sample.txt", "adapter/peft/adapter_model.safetensors",
+                 "adapter/compact/adapter_model.safetensors", "checkpoints/global_step6/adapter/adapter_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_scalars_texts_and_images(assets):
+    out = trained(assets, 3, "aslora")
+    _, acc = scalars(out, "eval/loss")
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "eval/loss",
+                "eval/perplexity", "memory/peak_gib", "params/trainable", "aslora/live_B_groups/q_proj"):
+        assert tag in tags["scalars"], tag
+    groups = {e.step: e.value for e in acc.Scalars("aslora/live_B_groups/q_proj")}
+    assert groups[1] == 4 and groups[4] == 3 and groups[6] == 2  # events at steps 4 and 6, down to 2 groups
+    lrs = [e.value for e in acc.Scalars("train/learning_rate")]
+    assert lrs[0] == pytest.approx(1e-2) and all(a > b > 0 for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    merges = acc.Tensors("aslora/merges/text_summary")
+    assert [m.step for m in merges] == [4, 6] and "q_proj" in merges[0].tensor_proto.string_val[0].decode()
+    images = [t for t in tags["images"] if t.startswith("aslora/distance/")]
+    assert sorted(images) == sorted(f"aslora/distance/{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"))
+    assert [e.step for e in acc.Images("aslora/distance/q_proj")] == [4, 6]
+    assert "sample" in {t.split("/")[0] for t in tags["tensors"]}
+
+
+def eval_loss(model, assets, micro=4):
+    """The job's eval loss (summed token cross-entropy / target tokens over the eval set)."""
+    from ds_aslora.train.data import EvalBatches, prepare_data
+    from ds_aslora.train.run_config import DataConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["base"])
+    config = DataConfig(data=assets["train"], eval_data=assets["eval"], max_seq_length=64, packing=True)
+    data = prepare_data(config, tokenizer, seed=42, cache_dir=str(assets["root"] / "cache" / "test"))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for step in EvalBatches(data.eval, micro_batch_size=micro, world_size=1, rank=0, pad_id=tokenizer.pad_token_id):
+            batch = step.micro_batches[0]
+            total += float(model(**batch, num_items_in_batch=torch.tensor(1.0)).loss)
+            count += int((batch["labels"][:, 1:] != -100).sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_peft_and_merged_exports_reproduce_the_jobs_eval_loss(assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = trained(assets, 3, "aslora")
+    losses, _ = scalars(out, "eval/loss")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["base"]),
+                                           os.path.join(out, "adapter", "peft"))
+    # fp32 sums over a few thousand tokens: rounding far below 1e-5 relative
+    assert eval_loss(peft_model.eval(), assets) == pytest.approx(losses[6], rel=1e-5)
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    from export import main as export_main
+
+    assert export_main([out, "--base", assets["base"]]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
+    assert eval_loss(merged, assets) == pytest.approx(losses[6], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_one_rank_with_accumulation_equals_two_ranks(assets):
+    # unpacked rows of different lengths: micro-batches hold different numbers of target tokens, so a
+    # per-micro-batch mean loss would weight them differently on the two splits
+    args = [*METHODS["aslora"], "--max_steps", "8", "--learning_rate", "1e-3", "--eval_interval", "0",
+            "--packing", "false", "--max_seq_length", "256"]
+    splits = {"w1ga2m2": (1, 2, 2), "w2ga1m2": (2, 1, 2), "w2ga2m1": (2, 2, 1)}  # global batch 4 each
+    adapters = {}
+    for name, (ranks, accumulation, micro) in splits.items():
+        launch(assets, assets["root"] / name, *args, "--gradient_accumulation_steps", str(accumulation),
+               "--micro_batch_size", str(micro), ranks=ranks, stage=2)
+        adapters[name] = load_file(str(assets["root"] / name / "adapter" / "compact" / "adapter_model.safetensors"))
+    a = adapters.pop("w1ga2m2")
+    for name, b in adapters.items():  # 8 Adam steps of lr 1e-3: a split-dependent loss moves elements by ~lr
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_across_a_merge_event(assets):
+    args = [*METHODS["aslora"], "--max_steps", "8", "--save_interval", "4", "--learning_rate", "1e-2"]
+    full, resumed = assets["root"] / "full", assets["root"] / "resumed"
+    launch(assets, full, *args)
+    shutil.copytree(full, resumed)
+    # as after a crash during the save at step 8: its folder torn, ``latest`` still at step 4
+    os.remove(resumed / "checkpoints" / "global_step8" / "ds_aslora.json")
+    (resumed / "checkpoints" / "latest").write_text("global_step4")
+    for name in ("runs", "adapter"):
+        shutil.rmtree(resumed / name)
+    done = launch(assets, resumed, *args, "--resume", "auto")
+    assert "resumed from" in done.stdout and "at step 4" in done.stdout
+    assert os.path.isdir(resumed / "checkpoints" / "global_step8.set-aside.0")  # the torn save, kept
+    full_losses, acc = scalars(str(full), "train/loss")
+    resumed_losses, _ = scalars(str(resumed), "train/loss")
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert [e.step for e in acc.Tensors("aslora/merges/text_summary")] == [4, 6]  # an event after the resume
+    for step in (5, 6, 7, 8):  # fp32 on CPU, same ranks and data: exactly
+        assert resumed_losses[step] == full_losses[step], step
+    a = load_file(os.path.join(full, "adapter", "compact", "adapter_model.safetensors"))
+    b = load_file(os.path.join(resumed, "adapter", "compact", "adapter_model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert math.isfinite(full_losses[8])
