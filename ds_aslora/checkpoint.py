@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import socket
 from typing import Any, Optional
@@ -202,11 +203,18 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
     continues; returns the ``client_state`` given to ``save_checkpoint``. A checkpoint that
     holds a bank or merge state must be given ``bank=`` / ``merger=``."""
     rank, world = rank_and_world()
-    try:
+    rng, means = None, {}
+    try:  # everything this rank reads by itself, before DeepSpeed's collectives
         tag, meta = _check(load_dir, tag, engine, world, bank, merger)
+        rng_file = os.path.join(load_dir, tag, RNG_FILE.format(rank=rank))
+        if meta["world_size"] == world and os.path.isfile(rng_file):
+            rng = torch.load(rng_file, weights_only=True)  # tensors and tuples only: nothing is unpickled
+        if merger is not None:
+            means = {r: torch.load(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)), map_location="cpu",
+                                   weights_only=True) for r in merger.saved_ranks_needed(meta["world_size"])}
         error = None
-    except (OSError, ValueError, KeyError) as err:
-        error = f"{type(err).__name__}: {err}"
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+        error = f"{type(err).__name__}: {err}".split("\n")[0]
     raise_together(error, CheckpointError)
     path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
     if path is None or engine.global_steps != meta["global_steps"]:
@@ -214,15 +222,11 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
                               f"expected {meta['global_steps']})")
     if bank is not None:
         bank.load_state_dict(client["shared_bank"])
-    rng_file = os.path.join(load_dir, tag, RNG_FILE.format(rank=rank))
-    if meta["world_size"] == world and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    if rng is not None:
+        set_rng_state(rng)
     else:
         log_dist(f"random generators not restored (checkpoint from {meta['world_size']} ranks, now {world})",
                  ranks=[0])
     if merger is not None:
-        def read_local(r: int) -> dict:
-            return torch.load(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)), map_location="cpu",
-                              weights_only=True)
-        merger.load_state_dict(client["merge"], read_local, meta["world_size"])
+        merger.load_state_dict(client["merge"], means, meta["world_size"])
     return client.get("client", {})

@@ -212,17 +212,19 @@ class MergeCoordinator:
         return {"slices": {m: (s.start, s.stop, s.numel) for m, s in self.slices.items()},
                 "means": {m: {k: v.cpu().clone() for k, v in ms.items()} for m, ms in self.means.items()}}
 
-    def load_state_dict(self, state: dict, read_local: Callable[[int], dict], saved_world: int) -> None:
-        """Restore from ``state_dict()`` and the ``local_state_dict()`` files of the job that
-        saved on ``saved_world`` ranks; ``read_local(rank)`` reads one. Only the files whose
-        slices overlap this rank's are read: its own on the same world size, a few neighbours
-        after a re-cut (at 70B every rank reading every file would be GBs per rank)."""
+    def saved_ranks_needed(self, saved_world: int) -> list[int]:
+        """Ranks of a ``saved_world``-rank job whose running-mean files this rank needs: its own
+        on the same world size, a few neighbours after a re-cut (at 70B every rank reading every
+        file would be GBs per rank)."""
+        return sorted({r for where in self.slices.values() for r in _overlapping(where, saved_world)})
+
+    def load_state_dict(self, state: dict, files: dict[int, dict], saved_world: int) -> None:
+        """Restore from ``state_dict()`` and the ``local_state_dict()`` of the saving job's ranks
+        listed by ``saved_ranks_needed`` (``files[rank]``)."""
         self.policy.load_state_dict(state["policy"])
         self.observations, self.event_due = state["observations"], state["event_due"]
         self.last_distances = dict(state["last_distances"])
         self.last_groups = {m: [tuple(g) for g in gs] for m, gs in state.get("last_groups", {}).items()}
-        needed = sorted({r for where in self.slices.values() for r in _overlapping(where, saved_world)})
-        files = {r: read_local(r) for r in needed}
         self.means = {}
         for mtype, where in self.slices.items():
             reps = self.policy.representatives(mtype)

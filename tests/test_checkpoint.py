@@ -221,3 +221,28 @@ def test_a_resumed_rank_reads_only_the_running_means_its_slices_need(tmp_path):
     run_ranks(job, 4, 0, 1, recut, "first")  # stage 0 re-cuts 4 ranks' slices onto 2
     assert run_ranks(resume_reads, 2, 0, recut) == [["merge_means_rank00000.pt", "merge_means_rank00001.pt"],
                                                      ["merge_means_rank00002.pt", "merge_means_rank00003.pt"]]
+
+
+class _Payload:
+    """Unpickling this runs code: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_on_every_rank_not_executed(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_ranks(job, 2, 2, 1, ckpt, "first")
+    marker = tmp_path / "executed"
+    for name in ("merge_means_rank00001.pt", "rng_state_rank00001.pt"):
+        path = os.path.join(ckpt, f"global_step{SAVE_AT}", name)
+        original = open(path, "rb").read()
+        torch.save({"slices": _Payload(str(marker))}, path)
+        messages = run_ranks(refuse_or_load, 2, ckpt, True, True)
+        assert messages[0] == messages[1] and messages[0].startswith("rank 1: UnpicklingError"), messages
+        assert not marker.exists()
+        open(path, "wb").write(original)
