@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import log_dist
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_text
 from .coordinator import MergeCoordinator
 from .inject import adapter_config
 from .ranks import raise_together, rank_and_world
@@ -39,13 +39,6 @@ RNG_FILE = "rng_state_rank{rank:05d}.pt"
 ADAPTER_DIR = "adapter"
 META_FILE = "ds_aslora.json"
 LATEST = "latest"
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 class CheckpointError(RuntimeError):
@@ -151,8 +144,8 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
                 "global_steps": engine.global_steps, "merge_state": merger is not None,
                 "shared_bank": bank is not None, "adapter": adapter_config(engine.module).to_dict(),
                 "host": socket.gethostname()}
-        _write_text(os.path.join(folder, META_FILE), json.dumps(meta))
-        _write_text(os.path.join(save_dir, LATEST), tag)
+        write_text(os.path.join(folder, META_FILE), json.dumps(meta))
+        write_text(os.path.join(save_dir, LATEST), tag)
     _barrier()
     return folder
 
@@ -176,7 +169,8 @@ def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Opt
     if partitioned and (meta["world_size"], meta["zero_stage"]) != (world, stage):
         raise ValueError(f"checkpoint {tag!r} was written by {meta['world_size']} ranks at ZeRO stage "
                          f"{meta['zero_stage']}; its partitioned optimizer state cannot be mapped onto {world} "
-                         f"ranks at stage {stage} (convert it with deepspeed.checkpoint.ds_to_universal first)")
+                         f"ranks at stage {stage}: resume with the same number of ranks and ZeRO stage (a stage-0 "
+                         f"checkpoint can change world size)")
     ours = adapter_config(engine.module).to_dict()
     if meta["adapter"] != ours:
         diff = sorted(k for k in set(ours) | set(meta["adapter"]) if ours.get(k) != meta["adapter"].get(k))

@@ -128,8 +128,8 @@ def export_engine(engine: Any, *, peft_dir: Optional[str] = None, compact_dir: O
                 export_peft(model, peft_dir, base_model_name_or_path, read)
             if compact_dir is not None:
                 export_compact(model, compact_dir, base_model_name_or_path, read)
-        except OSError as err:
-            error = f"export failed: {err}"
+        except Exception as err:  # noqa: BLE001 - safetensors' I/O errors are not OSError; no rank may wait
+            error = f"export failed: {type(err).__name__}: {err}"
     raise_together(error, OSError)
 
 

@@ -179,21 +179,22 @@ def test_one_rank_with_accumulation_equals_two_ranks(assets):
 
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_across_a_merge_event(assets):
-    args = [*METHODS["aslora"], "--max_steps", "8", "--save_interval", "4", "--learning_rate", "1e-2"]
+    # one run name: the resumed job writes into the crashed job's TensorBoard run, as in place
+    args = [*METHODS["aslora"], "--max_steps", "8", "--save_interval", "4", "--learning_rate", "1e-2",
+            "--run_name", "r"]
     full, resumed = assets["root"] / "full", assets["root"] / "resumed"
     launch(assets, full, *args)
     shutil.copytree(full, resumed)
     # as after a crash during the save at step 8: its folder torn, ``latest`` still at step 4
     os.remove(resumed / "checkpoints" / "global_step8" / "ds_aslora.json")
     (resumed / "checkpoints" / "latest").write_text("global_step4")
-    for name in ("runs", "adapter"):
-        shutil.rmtree(resumed / name)
+    shutil.rmtree(resumed / "adapter")  # runs/ stays: the crashed run's events past step 4 must not show
     done = launch(assets, resumed, *args, "--resume", "auto")
     assert "resumed from" in done.stdout and "at step 4" in done.stdout
     assert os.path.isdir(resumed / "checkpoints" / "global_step8.set-aside.0")  # the torn save, kept
     full_losses, acc = scalars(str(full), "train/loss")
     resumed_losses, _ = scalars(str(resumed), "train/loss")
-    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    assert sorted(resumed_losses) == list(range(1, 9))  # steps 5-8 logged once: the crashed run's were purged
     assert [e.step for e in acc.Tensors("aslora/merges/text_summary")] == [4, 6]  # an event after the resume
     for step in (5, 6, 7, 8):  # fp32 on CPU, same ranks and data: exactly
         assert resumed_losses[step] == full_losses[step], step
@@ -202,3 +203,17 @@ def test_resume_reproduces_the_uninterrupted_run_across_a_merge_event(assets):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert math.isfinite(full_losses[8])
+
+
+@pytest.mark.slow
+def test_resuming_an_older_checkpoint_by_path_continues_that_line(assets):
+    """Rolling back to step 4 of a run that saved up to step 8: the run reaches step 8 again, its
+    save sets the abandoned step-8 folder aside, and ``latest`` follows the new line."""
+    args = [*METHODS["lora"], "--max_steps", "8", "--save_interval", "4", "--eval_interval", "0"]
+    out = assets["root"] / "rollback"
+    launch(assets, out, *args)
+    done = launch(assets, out, *args, "--resume", str(out / "checkpoints" / "global_step4"))
+    assert "at step 4" in done.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "global_step8"
+    assert os.path.isdir(out / "checkpoints" / "global_step8.set-aside.0")
+    assert os.path.isfile(out / "checkpoints" / "global_step8" / "ds_aslora.json")

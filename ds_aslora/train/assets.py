@@ -132,6 +132,8 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
                 f.flush()
                 os.fsync(f.fileno())
             _fsync(tmp)
+            if is_complete(target):  # another node finished first (locks that do not span nodes)
+                return target
             if os.path.lexists(target):  # an incomplete leftover (no marker): replace it
                 if os.path.isdir(target) and not os.path.islink(target):
                     shutil.rmtree(target)
@@ -156,6 +158,10 @@ def _locked(lock_path: str) -> Iterator[None]:
         except BlockingIOError:
             logger.info("waiting for another process building next to %s", lock_path)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without flock: build unlocked, renames stay atomic
+            logger.warning("no file lock next to %s (%s); building without one", lock_path, err)
+            yield
+            return
         try:
             yield
         finally:

@@ -25,6 +25,7 @@ from ..distributed import initialize
 from ..ds_config import load_ds_config
 from ..export import export_engine
 from ..inject import inject_adapters
+from ..atomic import write_text
 from ..ranks import raise_together, rank_and_world
 from . import assets
 from .data import prepare_data
@@ -49,9 +50,46 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+_SETUP_GROUP: list = []  # a gloo group with a long timeout, for barriers behind slow one-rank work
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _setup_barrier() -> None:
+    """Wait for work one rank per node does (tokenising a large dataset, converting the default
+    model): the default collective timeout would kill the waiting ranks after 10-30 minutes."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if not _SETUP_GROUP:
+            from datetime import timedelta
+
+            _SETUP_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(hours=4)))
+        dist.barrier(group=_SETUP_GROUP[0])
+
+
+LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def init_distributed() -> None:
+    """The launcher's world (deepspeed, torchrun, MPI, srun), or a world of one for plain ``python``;
+    then bind this rank's accelerator before any collective."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    launched = any(k in os.environ for k in LAUNCHER_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not launched:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(_local_rank())
 
 
 def say(message: str) -> None:
@@ -77,7 +115,25 @@ def apply_embedded_defaults(run: RunConfig) -> None:
             if not os.path.isfile(jsonl):
                 os.makedirs(cache, exist_ok=True)
                 assets.write_text_dataset(txt, jsonl)
-    _barrier()
+    _setup_barrier()
+
+
+def resume_point(run: RunConfig) -> Optional[tuple[str, str]]:
+    """Decided by global rank 0 and broadcast: ranks that read ``latest`` themselves could
+    disagree (caching, a file one node does not see) and walk into different collectives."""
+    rank, world = rank_and_world()
+    decision: list = [None]
+    if rank == 0:
+        try:
+            decision = [("ok", check_output_dir(run))]
+        except ConfigError as err:
+            decision = [("error", str(err))]
+    if world > 1:
+        dist.broadcast_object_list(decision, src=0)
+    kind, value = decision[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def check_output_dir(run: RunConfig) -> Optional[tuple[str, str]]:
@@ -129,6 +185,20 @@ def check_shared_filesystem(out: str) -> None:
         os.remove(path)
 
 
+def data_identity(run: RunConfig, derived: Any, data: Any) -> dict:
+    """What the data position means: the same stream needs the same rows, seed and global batch."""
+    return {"global_batch_size": derived.global_batch_size, "seed": run.training.seed,
+            "train_sequences": len(data.train), "fingerprint": data.train._fingerprint}
+
+
+def check_same_data(saved: dict, now: dict) -> None:
+    """A resumed run continues the saved data stream only if it is the same stream."""
+    diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    if diff:
+        raise ConfigError("the checkpoint's data stream differs from this run's, so its data position would skip or "
+                          "repeat rows: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+
+
 def model_width(model: Optional[str]) -> int:
     """hidden_size, for ZeRO-3's bucket sizes (the DeepSpeed config's ``"auto"`` values)."""
     if model == TINY:
@@ -147,11 +217,13 @@ def rotate_checkpoints(ckpt_dir: str, keep: Optional[int]) -> None:
         return
     with open(os.path.join(ckpt_dir, LATEST)) as f:
         latest = f.read().strip()
-    tags = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("global_step") and t[11:].isdigit()),
-                  key=lambda t: int(t[11:]))
+    def step(tag: str) -> int:
+        return int(tag[len("global_step"):])
+
+    tags = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("global_step") and t[11:].isdigit()
+                   and step(t) <= step(latest)), key=step)  # folders past latest: another timeline
     for tag in tags[:-keep]:
-        if tag != latest:
-            shutil.rmtree(os.path.join(ckpt_dir, tag))
+        shutil.rmtree(os.path.join(ckpt_dir, tag))
 
 
 def setup(run: RunConfig, ds_path: str) -> "Setup":
@@ -161,14 +233,15 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     rank, world = rank_and_world()
     if run.data.data is None:
         apply_embedded_defaults(run)
-    resume_from = check_output_dir(run)
+    resume_from = resume_point(run)
     ds_json = load_ds_config(ds_path)
     derived = derive(run, world, ds_json, ds_path=ds_path)
     out = run.logging.output_dir
+    check_shared_filesystem(out)
     # The default model is converted once per node (locked); every rank then reads it.
     model_path = run.model.model if run.model.model == TINY else (
         resolve_model_path(run.model.model) if _local_rank() == 0 else None)
-    _barrier()
+    _setup_barrier()
     model_path = model_path or resolve_model_path(run.model.model)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=model_width(model_path))
@@ -176,11 +249,12 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         model_path, ds_config, derived.dtype, seed=run.training.seed,
         trust_remote_code=run.model.trust_remote_code)
     cache = run.data.data_cache_dir or os.path.join(assets.cache_root(), "datasets")
-    if _local_rank() == 0:  # tokenise once per node; the other ranks read the cache
-        data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
-    _barrier()
-    if _local_rank() != 0:
-        data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
+    # Tokenise once: global rank 0 first (a cache on a shared disk is then ready for everyone),
+    # then the first rank of every other node (node-local caches), then the rest read the cache.
+    for turn in (rank == 0, _local_rank() == 0 and rank != 0, _local_rank() != 0):
+        if turn:
+            data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
+        _setup_barrier()
     torch.manual_seed(run.training.seed)  # adapter initialisation (rank 0's is broadcast)
     inject_adapters(model, run.adapter)
     if run.model.activation_checkpointing:
@@ -189,16 +263,24 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     engine, bank = initialize(model, ds_config, lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
     merger = MergeCoordinator(engine) if run.adapter.method == "aslora" else None
     ckpt_dir = os.path.join(out, CHECKPOINTS)
-    if resume_from is None and run.checkpoint.overwrite_output_dir and rank == 0 and os.path.isdir(ckpt_dir):
-        shutil.rmtree(ckpt_dir)
+    if resume_from is None and run.checkpoint.overwrite_output_dir and rank == 0:
+        for name in (CHECKPOINTS, RUNS, ADAPTER):  # the previous run's, not mixed into this one's
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     _barrier()
     if resume_from is not None:
-        load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
+        client = load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
+        check_same_data(client.get("data", {}), data_identity(run, derived, data))
+        if rank == 0 and os.path.abspath(resume_from[0]) == os.path.abspath(ckpt_dir):
+            # resuming an older checkpoint of this run: it becomes the line saves continue
+            # (later folders are set aside when a save reaches their step)
+            write_text(os.path.join(ckpt_dir, LATEST), resume_from[1])
+        _barrier()
         say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}")
-    check_shared_filesystem(out)
     if rank == 0:
         save_resolved(run, ds_config, out)
-    logger = RunLogger(out, derived.run_name, enabled=rank == 0)
+    # after a resume, events the crashed run logged past its checkpoint are dropped
+    logger = RunLogger(out, derived.run_name, enabled=rank == 0,
+                       purge_step=engine.global_steps + 1 if resume_from is not None else None)
     logger.text("config/run", engine.global_steps, "```\n" + json.dumps(run.to_dict(), indent=1, default=str) + "\n```")
 
     return Setup(run=run, derived=derived, engine=engine, bank=bank, merger=merger, tokenizer=tokenizer,
@@ -234,8 +316,8 @@ def execute(s: Setup) -> dict:
         f"x {world} ranks); {derived.max_steps} steps; {derived.dtype}; ZeRO-{engine.zero_optimization_stage()}")
 
     def save(step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger, client_state={"data_position": step},
-                        export_adapter=True)
+        save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger, export_adapter=True,
+                        client_state={"data_position": step, "data": data_identity(run, derived, data)})
         if rank == 0:
             rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit)
         _barrier()
@@ -292,23 +374,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one, not MPI discovery
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+    init_distributed()
     try:
         try:
             prepared = setup(run, ds_path)
         except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
-            if rank_and_world()[0] == 0:
+            rank = rank_and_world()[0]
+            if rank == 0:
                 print(f"error: {err}", file=sys.stderr)
+            elif not isinstance(err, (ConfigError, CheckpointError)):  # may be this rank's alone (its disk)
+                import socket
+
+                print(f"error (rank {rank} on {socket.gethostname()}): {err}", file=sys.stderr)
             return 2
         report(execute(prepared))
         # No rank tears down while another still talks to it: gloo/NCCL threads of a peer that
@@ -317,5 +394,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        remove_shm_buffers()
     return 0
+
+
+def remove_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a ~66 MB /dev/shm file per rank and
+    process group (named by master port); repeated CPU jobs would fill memory."""
+    import glob
+
+    port = os.environ.get("MASTER_PORT")
+    if port and _local_rank() == 0:
+        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 

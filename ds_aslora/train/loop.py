@@ -23,7 +23,7 @@ from ..ranks import rank_and_world
 from ..replicated_bank import ReplicatedBank
 from ..step import micro_step
 from .data import EvalBatches, GlobalBatches
-from .run_config import Derived, lr_at
+from .run_config import Derived
 from .tensorboard_log import RunLogger
 
 
@@ -103,6 +103,8 @@ def generate(engine: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(engine.device)
     for _ in range(max_new_tokens):
         next_id = engine(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        if rank_and_world()[1] > 1:  # rank 0's choice: ranks must not diverge into different forwards
+            dist.broadcast(next_id, src=0)
         ids = torch.cat([ids, next_id], dim=1)
         if tokenizer.eos_token_id is not None and int(next_id) == tokenizer.eos_token_id:
             break
@@ -135,6 +137,7 @@ def train(job: Job, start_step: int) -> list[dict]:
         if step > derived.max_steps:
             break
         started = time.perf_counter()
+        lr = engine.get_lr()[0]  # this step's (the engine's schedule advances in step(), not on skipped steps)
         # Each micro-batch's loss is its summed cross-entropy / (global target tokens / (accumulation x world)):
         # the engine divides by the accumulation and averages ranks, so the step's gradient is that of the
         # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
@@ -159,7 +162,7 @@ def train(job: Job, start_step: int) -> list[dict]:
             _log_merges(job, step, merges)
         record: dict[str, Any] = {"step": step, "train/loss": loss}
         if step % job.log_interval == 0 or step == derived.max_steps:
-            record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr_at(step, derived),
+            record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
                            "train/grad_norm": grad_norm(job),
                            "train/tokens_per_second": window["tokens"] / window["seconds"],
                            "memory/peak_gib": peak_memory_gib(), "params/trainable": count_trainable(engine.module)})

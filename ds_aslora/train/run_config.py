@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from ..atomic import atomic_write
+from ..atomic import write_text
 from ..config import AdapterConfig
 from ..ds_config import AUTO, auto_values, fill_auto
 
@@ -610,13 +610,6 @@ def save_resolved(run: RunConfig, ds_config: Mapping[str, Any], out_dir: str) ->
     for section in SECTIONS:
         body = yaml.safe_dump(dataclasses.asdict(getattr(run, section)), sort_keys=False, default_flow_style=False)
         parts.append(f"# {section}\n{body}")
-    _write_text(os.path.join(out_dir, "run_config.yaml"), "\n".join(parts))
-    _write_text(os.path.join(out_dir, "ds_config.json"), json.dumps(ds_config, indent=2) + "\n")
+    write_text(os.path.join(out_dir, "run_config.yaml"), "\n".join(parts))
+    write_text(os.path.join(out_dir, "ds_config.json"), json.dumps(ds_config, indent=2) + "\n")
 
-
-def _write_text(path: str, content: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(content)
-
-    atomic_write(path, write)

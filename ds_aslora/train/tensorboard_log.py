@@ -155,13 +155,14 @@ class RunLogger:
     writer (flushing it) on exit.
     """
 
-    def __init__(self, output_dir: str, run_name: str, enabled: bool):
+    def __init__(self, output_dir: str, run_name: str, enabled: bool, purge_step: Optional[int] = None):
         self.log_dir = os.path.join(output_dir, "runs", run_name)
         self._writer: Optional[Any] = None
         if enabled:
             # Imported here: other ranks never load TensorBoard nor create the folder.
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=self.log_dir)
+            # purge_step: a resumed run hides what the crashed one logged past its checkpoint
+            self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
 
     @property
     def enabled(self) -> bool:
