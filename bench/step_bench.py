@@ -1,7 +1,12 @@
-"""Step time and per-step communication: our lora / sharelora / aslora vs peft LoRA.
+"""Step time and per-step communication: the frozen base (the floor), peft LoRA, and our
+lora / sharelora / aslora, on one DeepSpeed config.
 
-All variants run in one job, on the same model shape, data and DeepSpeed config, so the
-ratios are comparable. Run on CPU ranks (or GPUs, without DS_ACCELERATOR):
+All variants live in one job, on the same model shape and data; their steps are alternated
+(variant 1, 2, ... then again) for ``--repeats`` rounds, so a moment of machine noise hits
+every variant alike, and each figure is the median over rounds with its spread (min-max).
+The floor is the base with every weight frozen but input gradients on (backward runs
+through every layer, as adapters need), plus one trainable norm so DeepSpeed has a step.
+Run on CPU ranks (or GPUs, without DS_ACCELERATOR):
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bench/step_bench.py --stage 2
 
@@ -26,23 +31,14 @@ from ds_aslora.step import micro_step
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                     tie_word_embeddings=True)
+FROZEN, PEFT = "frozen base", "peft lora"
 VARIANTS = {
-    "peft lora": None,
+    FROZEN: None,
+    PEFT: None,
     "lora": dict(method="lora"),
     "sharelora A": dict(method="sharelora", share="A"),
     "aslora": dict(method="aslora"),
 }
-
-
-def build(variant, args):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
-    targets = args.targets if args.targets != ["all-linear"] else "all-linear"
-    if VARIANTS[variant] is None:
-        from peft import LoraConfig, get_peft_model
-        return get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets))
-    cfg = AdapterConfig(r=args.r, alpha=2 * args.r, target_modules=targets, **VARIANTS[variant])
-    return inject_adapters(model, cfg)
 
 
 def ds_config(batch, stage, world, bf16=False, persistence_threshold=None):
@@ -55,29 +51,29 @@ def ds_config(batch, stage, world, bf16=False, persistence_threshold=None):
             "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9}
 
 
-def run_variant(variant, args):
-    model = build(variant, args)
-    trainable = count_trainable(model) if VARIANTS[variant] else model.get_nb_trainable_parameters()[0]
-    world = dist.get_world_size()
-    if VARIANTS[variant] is None:
-        config = ds_config(args.batch, args.stage, world, args.bf16, args.persistence_threshold)
-        engine, *_ = deepspeed.initialize(model=model, config=config,
-                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
-        bank = None
-    else:
-        engine, bank = initialize(model, ds_config(args.batch, args.stage, world, args.bf16,
-                                                   args.persistence_threshold))
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen).to(engine.device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        with audit_collectives() as record:
-            start = time.perf_counter()
-            micro_step(engine, {"input_ids": ids, "labels": ids}, bank)
-            elapsed = time.perf_counter() - start
-        if step >= args.warmup:
-            times.append(elapsed)
-    return trainable, statistics.median(times), record
+def build(variant, args):
+    """(engine, bank, trainable parameters) of one variant."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+    targets = args.targets if args.targets != ["all-linear"] else "all-linear"
+    config = ds_config(args.batch, args.stage, dist.get_world_size(), args.bf16, args.persistence_threshold)
+    if variant in (FROZEN, PEFT):
+        if variant == FROZEN:
+            model.requires_grad_(False)
+            model.model.norm.weight.requires_grad_(True)
+            model.enable_input_require_grads()
+        else:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets))
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)  # before ZeRO-3 empties the local tensors
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=params)
+        return engine, None, trainable
+    cfg = AdapterConfig(r=args.r, alpha=2 * args.r, target_modules=targets, **VARIANTS[variant])
+    model = inject_adapters(model, cfg)
+    trainable = count_trainable(model)
+    engine, bank = initialize(model, config)
+    return engine, bank, trainable
 
 
 def main():
@@ -87,8 +83,8 @@ def main():
     parser.add_argument("--targets", nargs="+", default=["all-linear"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=8, help="rounds; each times one step of every variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant first")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--persistence_threshold", type=int, default=None,
                         help="ZeRO-3 stage3_param_persistence_threshold (default: DeepSpeed's, 1e5)")
@@ -96,18 +92,36 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()
     deepspeed.init_distributed()
-    rows = [(v, *run_variant(v, args)) for v in args.variants]
+    jobs = {v: build(v, args) for v in args.variants}
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen)
+    times = {v: [] for v in jobs}
+    records = {}
+    for round_ in range(args.warmup + args.repeats):
+        for variant, (engine, bank, _) in jobs.items():
+            batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
+            with audit_collectives() as record:
+                start = time.perf_counter()
+                micro_step(engine, batch, bank)
+                elapsed = time.perf_counter() - start
+            if round_ >= args.warmup:
+                times[variant].append(elapsed)
+                records[variant] = record
     if dist.get_rank() == 0:
-        base_time = rows[0][2]
+        floor, peft = statistics.median(times.get(FROZEN, [float("nan")])), statistics.median(
+            times.get(PEFT, [float("nan")]))
         print(f"\nZeRO-{args.stage}, {dist.get_world_size()} ranks, r={args.r}, targets={args.targets}, "
-              f"persistence threshold {args.persistence_threshold}, "
-              f"batch {args.batch}x{args.seq}/rank, median of {args.steps} steps")
-        print(f"{'variant':<14}{'trainable':>12}{'step s':>9}{'vs peft':>9}{'collectives':>13}{'MB/step':>9}"
-              f"{'ours: calls/MB':>16}")
-        for name, trainable, step_time, rec in rows:
-            print(f"{name:<14}{trainable:>12,d}{step_time:>9.3f}{step_time / base_time:>9.2f}{len(rec.calls):>13d}"
-                  f"{rec.bytes() / 2**20:>9.2f}{rec.count('ds_aslora'):>8d}/{rec.bytes('ds_aslora') / 2**20:.3f}")
-        print({name: rec.summary() for name, _, _, rec in rows})
+              f"batch {args.batch}x{args.seq}/rank, persistence threshold {args.persistence_threshold}, "
+              f"median over {args.repeats} alternated rounds (min-max)")
+        print(f"{'variant':<13}{'trainable':>12}{'s/step':>8}{'min-max':>15}{'x floor':>9}{'x peft':>8}"
+              f"{'all-gathers':>13}{'collectives':>13}{'MB/step':>9}{'ours: calls/MB':>16}")
+        for variant, (_, _, trainable) in jobs.items():
+            t, rec = times[variant], records[variant]
+            median = statistics.median(t)
+            gathers = rec.count(op="all_gather_into_tensor") + rec.count(op="all_gather")
+            print(f"{variant:<13}{trainable:>12,d}{median:>8.3f}{min(t):>7.3f}-{max(t):<7.3f}{median / floor:>9.2f}"
+                  f"{median / peft:>8.2f}{gathers:>13d}{len(rec.calls):>13d}{rec.bytes() / 2**20:>9.2f}"
+                  f"{rec.count('ds_aslora'):>8d}/{rec.bytes('ds_aslora') / 2**20:.3f}")
     dist.destroy_process_group()
 
 
