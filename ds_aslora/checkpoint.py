@@ -84,6 +84,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def model_identity(model: Any) -> dict:
+    """The base model's shape, enough to tell two models apart before DeepSpeed's shape errors."""
+    config = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
 def rng_state() -> dict:
     """This rank's random generators (dropout, sampling): each rank draws its own stream."""
     from deepspeed.accelerator import get_accelerator
@@ -143,6 +151,7 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
         meta = {"world_size": world, "zero_stage": engine.zero_optimization_stage(),
                 "global_steps": engine.global_steps, "merge_state": merger is not None,
                 "shared_bank": bank is not None, "adapter": adapter_config(engine.module).to_dict(),
+                "model": model_identity(engine.module),
                 "host": socket.gethostname()}
         write_text(os.path.join(folder, META_FILE), json.dumps(meta))
         write_text(os.path.join(save_dir, LATEST), tag)
@@ -150,9 +159,11 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     return folder
 
 
-def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Optional[ReplicatedBank],
-           merger: Optional[MergeCoordinator]) -> tuple[str, dict]:
-    """Raises a clear error for what this rank sees wrong; returns (tag, meta)."""
+def check_resumable(load_dir: str, tag: Optional[str], *, world: int, stage: int, adapter: dict,
+                    model: Optional[dict] = None) -> tuple[str, dict]:
+    """Whether a job of ``world`` ranks at ZeRO ``stage`` with this adapter config (and base
+    model, when known) can resume the checkpoint, from its metadata alone: a job checks this
+    before it loads a model. Returns (tag, meta); raises a clear error otherwise."""
     if tag is None:
         tag = _latest_tag(load_dir)
         if tag is None:
@@ -164,18 +175,27 @@ def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Opt
                                 f"({META_FILE} is missing)")
     with open(meta_path) as f:
         meta = json.load(f)
-    stage = engine.zero_optimization_stage()
     partitioned = stage > 0 or meta["zero_stage"] > 0
     if partitioned and (meta["world_size"], meta["zero_stage"]) != (world, stage):
         raise ValueError(f"checkpoint {tag!r} was written by {meta['world_size']} ranks at ZeRO stage "
                          f"{meta['zero_stage']}; its partitioned optimizer state cannot be mapped onto {world} "
                          f"ranks at stage {stage}: resume with the same number of ranks and ZeRO stage (a stage-0 "
                          f"checkpoint can change world size)")
-    ours = adapter_config(engine.module).to_dict()
-    if meta["adapter"] != ours:
-        diff = sorted(k for k in set(ours) | set(meta["adapter"]) if ours.get(k) != meta["adapter"].get(k))
+    if model is not None and "model" in meta and meta["model"] != model:
+        raise ValueError(f"checkpoint {tag!r} was trained on another base model: {meta['model']} there, "
+                         f"{model} here")
+    if meta["adapter"] != adapter:
+        diff = sorted(k for k in set(adapter) | set(meta["adapter"]) if adapter.get(k) != meta["adapter"].get(k))
         raise ValueError(f"checkpoint {tag!r} was trained with another adapter config: "
-                         + ", ".join(f"{k}={meta['adapter'].get(k)!r} there, {ours.get(k)!r} here" for k in diff))
+                         + ", ".join(f"{k}={meta['adapter'].get(k)!r} there, {adapter.get(k)!r} here" for k in diff))
+    return tag, meta
+
+
+def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Optional[ReplicatedBank],
+           merger: Optional[MergeCoordinator]) -> tuple[str, dict]:
+    """Raises a clear error for what this rank sees wrong; returns (tag, meta)."""
+    tag, meta = check_resumable(load_dir, tag, world=world, stage=engine.zero_optimization_stage(),
+                                adapter=adapter_config(engine.module).to_dict(), model=model_identity(engine.module))
     for saved, given, what in ((meta["shared_bank"], bank, "shared-bank tensors and their optimizer state (bank=)"),
                                (meta["merge_state"], merger, "ASLoRA merge state: ties and running means (merger=)")):
         if saved and given is None:

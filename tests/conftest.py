@@ -1,6 +1,7 @@
 """Tiny decoder models built from configs on CPU: no hub, no downloads."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -60,3 +61,24 @@ def adam_atol(lr: float, steps: int) -> float:
 
 # fp32 mean cross-entropy over a few hundred logits: rounding of ~1e-7 per operation.
 LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A saved tiny base model + tokenizer, and train/eval jsonl files of Shakespeare."""
+    from ds_aslora.train.assets import shakespeare_paths, text_rows
+    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("job")
+    base = str(root / "base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config()).save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
+    train_txt, heldout_txt = shakespeare_paths()
+    for name, path, chars in (("train", train_txt, 12000), ("eval", heldout_txt, 3000)):
+        with open(path) as f:
+            rows = text_rows(f.read()[:chars], chars_per_row=200)
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": row}) + "\n" for row in rows)
+    return {"base": base, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "root": root}

@@ -6,64 +6,18 @@ ranks, a resume reproduces the uninterrupted run across a merge event, the expor
 the job's eval loss in peft and in transformers, and TensorBoard holds what was logged.
 """
 import glob
-import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from multirank import _free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+from launcher import ROOT, launch
 METHODS = {"lora": ["--method", "lora"], "shareA": ["--method", "sharelora", "--share", "A"],
            "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--target_groups", "2"]}
-COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r", "4", "--alpha", "8",
-          "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A saved tiny base model + tokenizer, and train/eval jsonl files of Shakespeare."""
-    from ds_aslora.train.assets import shakespeare_paths, text_rows
-    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
-    from transformers import LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("job")
-    base = str(root / "base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_config()).save_pretrained(base)
-    byte_tokenizer().save_pretrained(base)
-    train_txt, heldout_txt = shakespeare_paths()
-    for name, path, chars in (("train", train_txt, 12000), ("eval", heldout_txt, 3000)):
-        with open(path) as f:
-            rows = text_rows(f.read()[:chars], chars_per_row=200)
-        with open(root / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps({"text": row}) + "\n" for row in rows)
-    return {"base": base, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "root": root}
-
-
-def launch(assets, out, *args, ranks=2, stage=3, check=True):
-    """One job through the deepspeed launcher; every finished job must exit 0 (no teardown abort)."""
-    port = _free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),
-           "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", assets["base"],
-           "--data", assets["train"], "--eval_data", assets["eval"], "--output_dir", str(out), *COMMON, *args]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    finally:
-        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
-            os.remove(path)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 def scalars(out, tag):

@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import LATEST, CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import (LATEST, CheckpointError, check_resumable, load_checkpoint,
+                          save_checkpoint)
 from ..coordinator import MergeCoordinator
 from ..count import count_trainable
 from ..distributed import initialize
@@ -30,7 +31,8 @@ from ..ranks import raise_together, rank_and_world
 from . import assets
 from .data import prepare_data
 from .loop import Job, evaluate, generate, train
-from .model_setup import TINY, enable_activation_checkpointing, load_model_and_tokenizer, resolve_model_path
+from .model_setup import (TINY, check_model_folder, enable_activation_checkpointing, load_model_and_tokenizer,
+                          resolve_model_path)
 from .run_config import ConfigError, RunConfig, derive, deepspeed_config, lr_at, parse_run_config, save_resolved
 from .tensorboard_log import RunLogger
 
@@ -167,6 +169,9 @@ def check_shared_filesystem(out: str) -> None:
     import uuid
 
     rank, world = rank_and_world()
+    created = [not os.path.isdir(out)]
+    if world > 1:
+        dist.broadcast_object_list(created, src=0)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".shared_filesystem_check")
     token = [f"{socket.gethostname()}:{uuid.uuid4().hex}"]
@@ -181,8 +186,11 @@ def check_shared_filesystem(out: str) -> None:
         f"{socket.gethostname()} does not see the file rank 0 ({token[0].split(':')[0]}) wrote in output_dir "
         f"{out!r}: checkpoints need a filesystem every node shares (point output_dir at it)")
     raise_together(error, ConfigError)
+    _barrier()
     if rank == 0:
         os.remove(path)
+        if created[0]:  # bad input found later leaves no trace; save_resolved creates it again
+            os.rmdir(out)
 
 
 def data_identity(run: RunConfig, derived: Any, data: Any) -> dict:
@@ -236,6 +244,12 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     resume_from = resume_point(run)
     ds_json = load_ds_config(ds_path)
     derived = derive(run, world, ds_json, ds_path=ds_path)
+    if resume_from is not None:  # before anything is built: the checkpoint's metadata alone
+        try:
+            check_resumable(*resume_from, world=world, stage=ds_json.get("zero_optimization", {}).get("stage", 0),
+                            adapter=run.adapter.to_dict())
+        except (OSError, ValueError) as err:
+            raise ConfigError(str(err)) from None
     out = run.logging.output_dir
     check_shared_filesystem(out)
     # The default model is converted once per node (locked); every rank then reads it.
@@ -243,6 +257,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         resolve_model_path(run.model.model) if _local_rank() == 0 else None)
     _setup_barrier()
     model_path = model_path or resolve_model_path(run.model.model)
+    if model_path != TINY:
+        check_model_folder(model_path)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=model_width(model_path))
     model, tokenizer, keep_alive, source = load_model_and_tokenizer(
@@ -255,6 +271,11 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         if turn:
             data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
         _setup_barrier()
+    for split, stats in data.stats.items():
+        if stats.truncated:
+            say(f"{split}: {stats.truncated} of {stats.rows} sequences were longer than max_seq_length="
+                f"{run.data.max_seq_length} (longest {stats.longest} tokens) and were truncated "
+                f"(--truncation refuse stops instead)")
     torch.manual_seed(run.training.seed)  # adapter initialisation (rank 0's is broadcast)
     inject_adapters(model, run.adapter)
     if run.model.activation_checkpointing:

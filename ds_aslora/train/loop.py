@@ -152,8 +152,9 @@ def train(job: Job, start_step: int) -> list[dict]:
         summed_loss, tokens, bad = _all_reduce_sum(
             [local_loss, local_tokens, float(not math.isfinite(local_loss))], engine.device)
         if bad:  # every rank sees the same sum: all stop together, before any save
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (data position {step_batch.step}, "
-                                f"epoch {step_batch.epoch}); no checkpoint was written for it")
+            rows = batches.global_indices(step_batch.step).tolist()
+            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (epoch {step_batch.epoch}; training rows "
+                                f"{rows} of the tokenised dataset); no checkpoint was written for it")
         loss = summed_loss / per_rank_share
         elapsed = time.perf_counter() - started
         window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
@@ -163,6 +164,7 @@ def train(job: Job, start_step: int) -> list[dict]:
         record: dict[str, Any] = {"step": step, "train/loss": loss}
         if step % job.log_interval == 0 or step == derived.max_steps:
             record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
+                           "train/skipped_steps": engine.skipped_steps,  # fp16 overflows the loss scaler skipped
                            "train/grad_norm": grad_norm(job),
                            "train/tokens_per_second": window["tokens"] / window["seconds"],
                            "memory/peak_gib": peak_memory_gib(), "params/trainable": count_trainable(engine.module)})

@@ -65,7 +65,8 @@ def check_model_folder(path: str) -> None:
 def load_model_and_tokenizer(model: Optional[str], ds_config: dict, dtype: str, *, seed: int,
                              trust_remote_code: bool = False) -> tuple[nn.Module, Any, Optional[Any], str]:
     """``(model, tokenizer, keep_alive, source)``: a frozen causal LM (partitioned under ZeRO-3;
-    hold ``keep_alive`` for the run) and its tokenizer with a pad token."""
+    hold ``keep_alive`` for the run) and its tokenizer with a pad token. A folder is expected to
+    have passed ``check_model_folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -81,7 +82,6 @@ def load_model_and_tokenizer(model: Optional[str], ds_config: dict, dtype: str, 
         source = TINY
     else:
         path = resolve_model_path(model)
-        check_model_folder(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         base, keep_alive = load_base_model(path, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         source = path

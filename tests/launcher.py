@@ -1,0 +1,30 @@
+"""Run launch/train.py through the real DeepSpeed launcher on CPU ranks, for the job's tests."""
+import glob
+import os
+import subprocess
+import sys
+
+from multirank import _free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r", "4", "--alpha", "8",
+          "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
+
+
+def launch(assets, out, *args, ranks=2, stage=3, check=True):
+    """One job through the deepspeed launcher; every finished job must exit 0 (no teardown abort)."""
+    port = _free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),
+           "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", assets["base"],
+           "--data", assets["train"], "--eval_data", assets["eval"], "--output_dir", str(out), *COMMON, *args]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+            os.remove(path)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
