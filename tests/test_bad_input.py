@@ -124,3 +124,15 @@ def test_runs_that_do_not_fit_the_output_dir_or_checkpoint_are_refused(assets, e
     status, errors, _ = job(assets, two, "--resume", "auto", "--r", "4", "--alpha", "8", "--packing")
     assert status == 2 and "written by 2 ranks at ZeRO stage 2" in errors[0] and "onto 1 ranks" in errors[0], errors
     assert snapshot(two) == before
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_the_step_and_rows_and_saves_nothing_poisoned(assets, tmp_path):
+    out = tmp_path / "diverged"
+    status, errors, stderr = job(assets, out, "--learning_rate", "1e38", "--max_steps", "20", "--save_interval", "1",
+                                 "--warmup_steps", "0", "--log_interval", "1", "--dtype", "fp32")
+    assert status == 3 and len(errors) == 1, stderr[-3000:]
+    assert "non-finite loss at optimizer step" in errors[0] and "training rows [" in errors[0], errors
+    bad_step = int(errors[0].split("optimizer step ")[1].split(" ")[0])
+    saved = sorted(int(t[len("global_step"):]) for t in os.listdir(out / "checkpoints") if t.startswith("global_step"))
+    assert saved and max(saved) == bad_step - 1  # every step before the bad one was saved; the bad one never

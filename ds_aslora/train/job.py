@@ -30,7 +30,7 @@ from ..atomic import write_text
 from ..ranks import raise_together, rank_and_world
 from . import assets
 from .data import prepare_data
-from .loop import Job, evaluate, generate, train
+from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (TINY, check_model_folder, enable_activation_checkpointing, load_model_and_tokenizer,
                           resolve_model_path)
 from .run_config import ConfigError, RunConfig, derive, deepspeed_config, lr_at, parse_run_config, save_resolved
@@ -74,7 +74,7 @@ def _setup_barrier() -> None:
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_minutes: float) -> None:
     """The launcher's world (deepspeed, torchrun, MPI, srun), or a world of one for plain ``python``;
     then bind this rank's accelerator before any collective."""
     import deepspeed
@@ -89,7 +89,9 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+    from datetime import timedelta
+
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(_local_rank())
 
@@ -386,7 +388,8 @@ def report(summary: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``launch/train.py``: exit status 0 on success, 2 on bad input (one line)."""
+    """Entry point of ``launch/train.py``: exit status 0 on success, 2 on bad input, 3 when the loss
+    became NaN or inf (one line each)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -395,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    init_distributed()
+    init_distributed(run.training.dist_timeout_minutes)
     try:
         try:
             prepared = setup(run, ds_path)
@@ -408,7 +411,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 print(f"error (rank {rank} on {socket.gethostname()}): {err}", file=sys.stderr)
             return 2
-        report(execute(prepared))
+        try:
+            report(execute(prepared))
+        except NonFiniteLoss as err:  # every rank raised it together; nothing was saved for that step
+            if rank_and_world()[0] == 0:
+                print(f"error: {err}", file=sys.stderr)
+            return 3
         # No rank tears down while another still talks to it: gloo/NCCL threads of a peer that
         # left mid-collective are what abort a finished job at exit.
         _barrier()

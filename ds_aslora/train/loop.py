@@ -132,56 +132,59 @@ def train(job: Job, start_step: int) -> list[dict]:
     bar = tqdm(total=derived.max_steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
     engine.train()
-    for step_batch in batches:
-        step = step_batch.step + 1  # the optimizer step being taken, 1-based
-        if step > derived.max_steps:
-            break
-        started = time.perf_counter()
-        lr = engine.get_lr()[0]  # this step's (the engine's schedule advances in step(), not on skipped steps)
-        # Each micro-batch's loss is its summed cross-entropy / (global target tokens / (accumulation x world)):
-        # the engine divides by the accumulation and averages ranks, so the step's gradient is that of the
-        # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
-        n_items = torch.tensor(max(step_batch.global_target_tokens, 1) / per_rank_share, device=engine.device)
-        local_loss, local_tokens, merges = 0.0, 0, []
-        for micro in step_batch.micro_batches:
-            batch = {k: v.to(engine.device) for k, v in micro.items()}
-            loss, applied = micro_step(engine, {**batch, "num_items_in_batch": n_items}, job.bank, job.merger)
-            local_loss += float(loss)
-            local_tokens += int(batch["attention_mask"].sum())
-            merges += applied
-        summed_loss, tokens, bad = _all_reduce_sum(
-            [local_loss, local_tokens, float(not math.isfinite(local_loss))], engine.device)
-        if bad:  # every rank sees the same sum: all stop together, before any save
-            rows = batches.global_indices(step_batch.step).tolist()
-            raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (epoch {step_batch.epoch}; training rows "
-                                f"{rows} of the tokenised dataset); no checkpoint was written for it")
-        loss = summed_loss / per_rank_share
-        elapsed = time.perf_counter() - started
-        window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
-                  "tokens": window["tokens"] + tokens, "seconds": window["seconds"] + elapsed}
-        if merges:
-            _log_merges(job, step, merges)
-        record: dict[str, Any] = {"step": step, "train/loss": loss}
-        if step % job.log_interval == 0 or step == derived.max_steps:
-            record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
-                           "train/skipped_steps": engine.skipped_steps,  # fp16 overflows the loss scaler skipped
-                           "train/grad_norm": grad_norm(job),
-                           "train/tokens_per_second": window["tokens"] / window["seconds"],
-                           "memory/peak_gib": peak_memory_gib(), "params/trainable": count_trainable(engine.module)})
-            if job.merger is not None:
-                record.update({f"aslora/live_B_groups/{m}": n for m, n in job.merger.policy.live_groups().items()})
-            job.logger.scalars(step, {k: v for k, v in record.items() if k != "step"})
-            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}",
-                            tok_s=f"{record['train/tokens_per_second']:.0f}")
-            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
-        if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0
-                                                                 or step == derived.max_steps):
-            scores = evaluate(job)
-            record.update(scores)
-            job.logger.scalars(step, scores)
-        job.history.append(record)
-        bar.update(1)
-        if job.save_interval and step % job.save_interval == 0 or step == derived.max_steps:
-            job.save(step)
-    bar.close()
+    try:
+        for step_batch in batches:
+            step = step_batch.step + 1  # the optimizer step being taken, 1-based
+            if step > derived.max_steps:
+                break
+            started = time.perf_counter()
+            lr = engine.get_lr()[0]  # this step's (the engine's schedule advances in step(), not on skipped steps)
+            # Each micro-batch's loss is its summed cross-entropy / (global target tokens / (accumulation x world)):
+            # the engine divides by the accumulation and averages ranks, so the step's gradient is that of the
+            # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
+            n_items = torch.tensor(max(step_batch.global_target_tokens, 1) / per_rank_share, device=engine.device)
+            local_loss, local_tokens, merges = 0.0, 0, []
+            for micro in step_batch.micro_batches:
+                batch = {k: v.to(engine.device) for k, v in micro.items()}
+                loss, applied = micro_step(engine, {**batch, "num_items_in_batch": n_items}, job.bank, job.merger)
+                local_loss += float(loss)
+                local_tokens += int(batch["attention_mask"].sum())
+                merges += applied
+            summed_loss, tokens, bad = _all_reduce_sum(
+                [local_loss, local_tokens, float(not math.isfinite(local_loss))], engine.device)
+            if bad:  # every rank sees the same sum: all stop together, before any save
+                rows = batches.global_indices(step_batch.step).tolist()
+                raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (epoch {step_batch.epoch}; training "
+                                    f"rows {rows} of the tokenised dataset); no checkpoint was written for it")
+            loss = summed_loss / per_rank_share
+            elapsed = time.perf_counter() - started
+            window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
+                      "tokens": window["tokens"] + tokens, "seconds": window["seconds"] + elapsed}
+            if merges:
+                _log_merges(job, step, merges)
+            record: dict[str, Any] = {"step": step, "train/loss": loss}
+            if step % job.log_interval == 0 or step == derived.max_steps:
+                record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
+                               "train/skipped_steps": engine.skipped_steps,  # fp16 overflows the loss scaler skipped
+                               "train/grad_norm": grad_norm(job),
+                               "train/tokens_per_second": window["tokens"] / window["seconds"],
+                               "memory/peak_gib": peak_memory_gib(),
+                               "params/trainable": count_trainable(engine.module)})
+                if job.merger is not None:
+                    record.update({f"aslora/live_B_groups/{m}": n for m, n in job.merger.policy.live_groups().items()})
+                job.logger.scalars(step, {k: v for k, v in record.items() if k != "step"})
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}",
+                                tok_s=f"{record['train/tokens_per_second']:.0f}")
+                window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+            if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0
+                                                                     or step == derived.max_steps):
+                scores = evaluate(job)
+                record.update(scores)
+                job.logger.scalars(step, scores)
+            job.history.append(record)
+            bar.update(1)
+            if job.save_interval and step % job.save_interval == 0 or step == derived.max_steps:
+                job.save(step)
+    finally:
+        bar.close()  # also on an error: its line ends before the error's
     return job.history

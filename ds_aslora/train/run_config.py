@@ -154,6 +154,10 @@ class TrainingConfig:
     seed: int = _help("seed of the adapter initialisation, the data order and the eval split", 42)
     eval_interval: int = _help("evaluate every this many optimizer steps and at the end; 0: never", 100)
     eval_batches: Optional[int] = _help("micro-batches per rank per evaluation; unset: the whole eval set")
+    dist_timeout_minutes: float = _help(
+        "timeout of collectives (NCCL/gloo): a rank stuck or gone without a broken connection stops the others "
+        "after at most this long (a killed process is noticed at once); setup waits on slow one-rank work "
+        "(tokenising, model conversion) use 4 hours", 30.0)
 
     def __post_init__(self) -> None:
         _check(self.learning_rate is None or self.learning_rate > 0,
@@ -171,6 +175,7 @@ class TrainingConfig:
         _check_min("max_grad_norm", self.max_grad_norm, 0.0)
         _check_min("eval_interval", self.eval_interval, 0)
         _check_min("eval_batches", self.eval_batches, 1)
+        _check(self.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes!r}")
 
 
 @dataclass
