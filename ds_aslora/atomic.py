@@ -13,9 +13,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     try:
         write(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(os.path.dirname(os.path.abspath(path)))
+        fsync_path(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -29,7 +29,8 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file or folder to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import _fsync
+from .atomic import fsync_path
 from .config import AdapterConfig
 from .count import build_on_meta
 from .export import COMPACT_FORMAT, CONFIG, WEIGHTS, compact_state_dict, export_peft
@@ -353,7 +353,7 @@ def _publish(tmp: str, out_dir: str) -> None:
         else:
             os.rmdir(out_dir)
     os.replace(tmp, out_dir)
-    _fsync(os.path.dirname(out_dir))
+    fsync_path(os.path.dirname(out_dir))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -443,7 +443,7 @@ def merge_into_base(base_dir: str, compact_dir: str, out_dir: str, max_shard_siz
                 weight_map[entry.key] = name
             path = os.path.join(tmp, name)
             save_file(tensors, path, metadata={"format": "pt"})
-            _fsync(path)
+            fsync_path(path)
             log.info("wrote %s (%d tensors, %.2f GB)", name, len(tensors), sum(sizes[e.key] for e in shard) / 1e9)
             del tensors
         reader.close()

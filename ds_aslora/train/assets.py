@@ -21,7 +21,7 @@ import socket
 import tempfile
 from typing import Callable, Iterator
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
                 f.write("complete\n")
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync(tmp)
+            fsync_path(tmp)
             if is_complete(target):  # another node finished first (locks that do not span nodes)
                 return target
             if os.path.lexists(target):  # an incomplete leftover (no marker): replace it
@@ -144,7 +144,7 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
             except OSError:
                 if not is_complete(target):  # another machine on a shared folder won the race
                     raise
-            _fsync(parent)
+            fsync_path(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -175,14 +175,6 @@ def _remove_stale(parent: str, prefix: str) -> None:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str) -> None:
     """Flush every file and folder, with the umask's permissions (``mkdtemp`` makes a private
     folder; the cache may be shared by other users)."""
@@ -191,9 +183,9 @@ def _fsync_tree(root: str) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-            _fsync(os.path.join(folder, name))
+            fsync_path(os.path.join(folder, name))
         os.chmod(folder, 0o777 & ~umask)
-        _fsync(folder)
+        fsync_path(folder)
 
 
 def gguf_path() -> str:
