@@ -250,5 +250,5 @@ def _overlapping(where: FlatSlice, saved_world: int) -> list[int]:
     """Ranks of a ``saved_world``-rank job whose slice of the same tensor overlaps ``where``."""
     if where.stop == where.start:
         return []
-    part = -(-where.numel // saved_world)
+    part = FlatSlice(where.numel, where.row, 0, saved_world).part
     return list(range(where.start // part, (where.stop - 1) // part + 1))

@@ -18,6 +18,19 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def remove_shm_buffers(port: int | str) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a ~66 MB /dev/shm file per rank and
+    process group, named by the master port; repeated CPU jobs would fill memory."""
+    import glob
+    import os
+
+    for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 def raise_together(error: Optional[str], exc_type: type[Exception] = RuntimeError) -> None:
     """Collective: raise ``exc_type`` on every rank if any rank passed an error message."""
     errors = [error]

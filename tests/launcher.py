@@ -1,9 +1,9 @@
 """Run launch/train.py through the real DeepSpeed launcher on CPU ranks, for the job's tests."""
-import glob
 import os
 import subprocess
 import sys
 
+from ds_aslora.ranks import remove_shm_buffers
 from multirank import _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +23,7 @@ def launch(assets, out, *args, ranks=2, stage=3, check=True):
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     finally:
-        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
-            os.remove(path)
+        remove_shm_buffers(port)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -7,7 +7,6 @@ fails the whole call with its traceback (torch terminates the other ranks), neve
 """
 from __future__ import annotations
 
-import glob
 import os
 import socket
 import tempfile
@@ -16,6 +15,8 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+from ds_aslora.ranks import remove_shm_buffers
 
 
 def _free_port() -> int:
@@ -46,13 +47,6 @@ def _worker(rank, fn, world_size, port, out_dir, args):
         dist.destroy_process_group()
 
 
-def _remove_shm_buffers(port: int) -> None:
-    # DeepSpeed's CPU shared-memory all-reduce leaves a ~66 MB /dev/shm file per rank and
-    # process group (named by master address and port); without this a suite fills memory.
-    for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
-        os.remove(path)
-
-
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     port = _free_port()
@@ -60,7 +54,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
         try:
             return _run(fn, world_size, port, out_dir, args, timeout)
         finally:
-            _remove_shm_buffers(port)
+            remove_shm_buffers(port)
 
 
 def _run(fn, world_size, port, out_dir, args, timeout):

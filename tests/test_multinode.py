@@ -1,7 +1,6 @@
 """The job as several nodes run it, on this one machine: two torchrun "nodes" of two ranks
 each over the loopback address train and resume; a rank killed with SIGKILL stops the whole
 job within seconds and the last checkpoint resumes."""
-import glob
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from launcher import COMMON, ROOT, launch
+from ds_aslora.ranks import remove_shm_buffers
 from multirank import _free_port
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -85,8 +85,7 @@ def test_a_killed_rank_stops_the_job_within_seconds_and_the_last_checkpoint_resu
     killed = time.monotonic()
     job.wait(timeout=120)
     assert job.returncode != 0 and time.monotonic() - killed < 30  # no rank left hanging in a collective
-    for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
-        os.remove(path)
+    remove_shm_buffers(port)
     step = int(latest.read_text()[len("global_step"):])
     done = launch(assets, out, "--max_steps", str(step + 2), "--save_interval", "3", "--eval_interval", "0",
                   "--resume", "auto", stage=2)

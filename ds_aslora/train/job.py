@@ -27,7 +27,7 @@ from ..ds_config import load_ds_config
 from ..export import export_engine
 from ..inject import inject_adapters
 from ..atomic import write_text
-from ..ranks import raise_together, rank_and_world
+from ..ranks import raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import prepare_data
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
@@ -183,7 +183,10 @@ def check_shared_filesystem(out: str) -> None:
         with open(path, "w") as f:
             f.write(token[0])
     _barrier()
-    seen = open(path).read() if os.path.isfile(path) else None
+    seen = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            seen = f.read()
     error = None if seen == token[0] else (
         f"{socket.gethostname()} does not see the file rank 0 ({token[0].split(':')[0]}) wrote in output_dir "
         f"{out!r}: checkpoints need a filesystem every node shares (point output_dir at it)")
@@ -423,20 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        remove_shm_buffers()
+        if os.environ.get("MASTER_PORT") and _local_rank() == 0:
+            remove_shm_buffers(os.environ["MASTER_PORT"])
     return 0
-
-
-def remove_shm_buffers() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a ~66 MB /dev/shm file per rank and
-    process group (named by master port); repeated CPU jobs would fill memory."""
-    import glob
-
-    port = os.environ.get("MASTER_PORT")
-    if port and _local_rank() == 0:
-        for path in glob.glob(f"/dev/shm/deepspeed_*_{port}_*"):
-            try:
-                os.remove(path)
-            except OSError:
-                pass
 
