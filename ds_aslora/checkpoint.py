@@ -84,12 +84,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def model_identity(model: Any) -> dict:
-    """The base model's shape, enough to tell two models apart before DeepSpeed's shape errors."""
-    config = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
+MODEL_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
+def model_identity(model: Any, name: Optional[str] = None) -> dict:
+    """The base model's shape (a model or its config), enough to tell two models apart before
+    DeepSpeed's shape errors, and its name for messages (not compared: folders move)."""
+    config = getattr(model, "config", model)
+    return {**{k: getattr(config, k, None) for k in MODEL_KEYS},
+            "name_or_path": name or getattr(config, "name_or_path", "") or ""}
+
+
+def check_same_model(tag: str, saved: dict, here: dict) -> None:
+    """One line naming both models and how their shapes differ."""
+    diff = [k for k in MODEL_KEYS if k in saved and saved[k] != here.get(k)]
+    if diff:
+        names = [repr(m.get("name_or_path")) if m.get("name_or_path") else "an unnamed model"
+                 for m in (saved, here)]
+        raise ValueError(f"checkpoint {tag!r} was trained on another base model: {names[0]} there, {names[1]} here ("
+                         + "; ".join(f"{k}={saved[k]!r} there, {here.get(k)!r} here" for k in diff) + ")")
 
 
 def rng_state() -> dict:
@@ -181,9 +195,8 @@ def check_resumable(load_dir: str, tag: Optional[str], *, world: int, stage: int
                          f"{meta['zero_stage']}; its partitioned optimizer state cannot be mapped onto {world} "
                          f"ranks at stage {stage}: resume with the same number of ranks and ZeRO stage (a stage-0 "
                          f"checkpoint can change world size)")
-    if model is not None and "model" in meta and meta["model"] != model:
-        raise ValueError(f"checkpoint {tag!r} was trained on another base model: {meta['model']} there, "
-                         f"{model} here")
+    if model is not None and "model" in meta:
+        check_same_model(tag, meta["model"], model)
     if meta["adapter"] != adapter:
         diff = sorted(k for k in set(adapter) | set(meta["adapter"]) if adapter.get(k) != meta["adapter"].get(k))
         raise ValueError(f"checkpoint {tag!r} was trained with another adapter config: "

@@ -27,3 +27,12 @@ def launch(assets, out, *args, ranks=2, stage=3, check=True):
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+# DeepSpeed refuses fp16 on a CPU without native fp16 kernels (oneDNN's check: AVX512-FP16 or AMX; the
+# AMD EPYC these tests were written on has neither). torch's portable kernels compute fp16 all the same,
+# so with that one check lifted the real loss scaler (overflow, skipped step, lowered scale) runs on any
+# CPU. Arguments as launch/train.py's.
+FP16_ON_CPU = ["-c", "import sys; from deepspeed.accelerator import get_accelerator; "
+               "type(get_accelerator()).is_fp16_supported = lambda self: True; "
+               f"sys.path.insert(0, {ROOT!r}); from ds_aslora.train.job import main; sys.exit(main(sys.argv[1:]))"]

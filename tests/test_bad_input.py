@@ -1,37 +1,49 @@
 """Bad input gets one clear line on stderr and exit status 2, and the output directory is left
 as it was: every case a user writes by hand (data, model, configs, checkpoints)."""
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from launcher import ROOT, launch
+from launcher import FP16_ON_CPU, ROOT, launch
 
 TRAIN_PY = os.path.join(ROOT, "launch", "train.py")
 
 
-def snapshot(folder):
-    """Every file under ``folder`` with its size and modification time (None: no folder)."""
+def snapshot(folder, exact=False):
+    """Every file under ``folder`` with its size and modification time (None: no folder); ``exact``:
+    also each file's bytes and each folder's modification time (nothing was even created and removed)."""
     if not os.path.isdir(folder):
         return None
-    return sorted((os.path.relpath(os.path.join(d, f), folder), os.stat(os.path.join(d, f)).st_size,
-                   os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, files in os.walk(folder) for f in files)
+    entries = []
+    for d, _, files in os.walk(folder):
+        if exact:
+            entries.append((os.path.relpath(d, folder), os.stat(d).st_mtime_ns))
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest() if exact else None
+            entries.append((os.path.relpath(path, folder), os.stat(path).st_size, os.stat(path).st_mtime_ns, digest))
+    return sorted(entries)
 
 
-def job(assets, out, *args, stage=2, model=None, data=None):
-    """One process (plain python), the tiny base unless ``model``: returns (status, error lines, stderr)."""
+def job(assets, out, *args, stage=2, model=None, data=None, script=(TRAIN_PY,), ds=None, stdout=False):
+    """One process (plain python), the tiny base unless ``model``: returns (status, error lines, stderr)
+    (and stdout with ``stdout``)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(key, None)
-    cmd = [sys.executable, TRAIN_PY, "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"),
+    cmd = [sys.executable, *script, "--deepspeed", ds or os.path.join(ROOT, "ds_configs", f"zero{stage}.json"),
            "--model", model or assets["base"], "--data", data or assets["train"], "--output_dir", str(out),
            "--max_steps", "2", "--max_seq_length", "64", "--eval_interval", "0", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
-    return done.returncode, errors, done.stderr
+    return (done.returncode, errors, done.stderr) + ((done.stdout,) if stdout else ())
 
 
 def write_jsonl(path, rows):
@@ -76,7 +88,9 @@ def bad_inputs(assets, tmp):
          "no row has a token to train on"),
         ("unknown columns", [], dict(data=os.path.join(ROOT, "tests", "assets", "data", "unknown_columns.jsonl")),
          "no known columns, found ['answer', 'question']"),
-        ("too long, refused", ["--truncation", "refuse"], dict(data=long_rows), "longer than max_seq_length"),
+        ("too long, refused", ["--truncation", "refuse"], dict(data=long_rows),
+         "4 of 4 sequences in " + long_rows + " are longer than max_seq_length=64 (longest: 501 tokens); raise "
+         "max_seq_length or set truncation=truncate"),
         ("absent target modules", ["--target_modules", "c_attn"], {}, "its nn.Linear modules are"),
         ("model without weights", [], dict(model=str(no_weights)), "has no weights"),
         ("model without config", [], dict(model=str(tmp)), "has no config.json"),
@@ -136,3 +150,100 @@ def test_a_diverging_run_stops_with_the_step_and_rows_and_saves_nothing_poisoned
     bad_step = int(errors[0].split("optimizer step ")[1].split(" ")[0])
     saved = sorted(int(t[len("global_step"):]) for t in os.listdir(out / "checkpoints") if t.startswith("global_step"))
     assert saved and max(saved) == bad_step - 1  # every step before the bad one was saved; the bad one never
+
+
+# launch/train.py with a finite loss whose gradient is NaN at the 3rd backward (an overflow inside the model).
+NAN_GRADIENT_AT_STEP_3 = ["-c", f"""
+import sys, torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+class NanGrad(torch.autograd.Function):
+    forward = staticmethod(lambda ctx, x: x.clone())
+    backward = staticmethod(lambda ctx, g: g * float("nan"))
+original, calls = DeepSpeedEngine.backward, []
+def backward(self, loss, *args, **kwargs):
+    calls.append(1)
+    return original(self, NanGrad.apply(loss) if len(calls) == 3 else loss, *args, **kwargs)
+DeepSpeedEngine.backward = backward
+sys.path.insert(0, {ROOT!r})
+from ds_aslora.train.job import main
+sys.exit(main(sys.argv[1:]))
+"""]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_and_saves_nothing_poisoned(assets, tmp_path, stage):
+    out = tmp_path / "nan-grad"
+    status, errors, stderr = job(assets, out, "--max_steps", "6", "--save_interval", "1", "--warmup_steps", "0",
+                                 script=NAN_GRADIENT_AT_STEP_3, stage=stage)
+    assert status == 3 and len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith("error: non-finite gradient norm at optimizer step 3 (epoch 0; training rows ["), errors
+    saved = sorted(int(t[len("global_step"):]) for t in os.listdir(out / "checkpoints") if t.startswith("global_step"))
+    assert saved == [1, 2]
+
+
+@pytest.mark.slow
+def test_too_long_sequences_are_truncated_with_a_count_the_user_sees(assets, tmp_path):
+    rows = write_jsonl(tmp_path / "long.jsonl", [{"text": "x" * 500}] * 3 + [{"text": "short"}])
+    status, errors, stderr, stdout = job(assets, tmp_path / "out", "--max_steps", "1", data=rows, stdout=True)
+    assert status == 0 and not errors, stderr[-3000:]
+    assert ("train: 3 of 4 sequences were longer than max_seq_length=64 (longest 501 tokens) and were truncated "
+            "(--truncation refuse stops instead)") in stdout.splitlines(), stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_base_model_is_refused_before_anything_is_written(assets, existing_run, tmp_path):
+    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other"
+    config = tiny_config()
+    config.num_hidden_layers = 2
+    LlamaForCausalLM(config).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    before = snapshot(existing_run, exact=True)
+    status, errors, stderr = job(assets, existing_run, "--resume", "auto", "--r", "4", model=str(other))
+    assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0] == (f"error: checkpoint 'global_step2' was trained on another base model: {assets['base']!r} "
+                         f"there, {str(other)!r} here (num_hidden_layers=4 there, 2 here)"), errors
+    assert snapshot(existing_run, exact=True) == before  # DeepSpeed's TensorBoard monitor never started
+
+
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_counted_and_logged_not_fatal(assets, tmp_path):
+    """A loss scale of 2**32 overflows fp16 gradients: DeepSpeed's loss scaler skips those updates
+    and lowers the scale until they fit. The job goes on (no exit 3), says so per step and in its
+    last lines, and a skipped step moves nothing (B stays at its zero init, the lr schedule waits)."""
+    from safetensors.torch import load_file
+    from test_train_job import scalars
+
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
+    ds["fp16"] = {"initial_scale_power": 32}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out, steps = tmp_path / "fp16", 24
+    status, errors, stderr, stdout = job(assets, out, "--dtype", "fp16", "--max_steps", str(steps), "--log_interval",
+                                         "1", "--save_interval", "8", "--warmup_steps", "0", script=FP16_ON_CPU,
+                                         ds=str(tmp_path / "ds.json"), stdout=True)
+    assert status == 0 and not errors, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if "fp16 gradient overflow" in line]
+    skipped_at = [int(line.split(":")[0].split()[1]) for line in lines]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    skipped = summary["skipped_steps"]
+    assert summary["steps"] == steps and 8 < skipped < steps and len(lines) == skipped, (summary, lines)
+    assert skipped_at[:8] == list(range(1, 9)) and lines[0].startswith(
+        "step 1: fp16 gradient overflow; the loss scaler skipped this update (loss scale now "), lines
+    assert (f"{skipped} of {steps} steps were skipped by the fp16 loss scaler (gradient overflow): the adapters were "
+            f"updated {steps - skipped} times") in stdout.splitlines()
+    counts, _ = scalars(str(out), "train/skipped_steps")
+    assert counts[steps] == skipped and [counts[s] for s in range(1, 9)] == list(range(1, 9))
+    norms, _ = scalars(str(out), "train/grad_norm")  # an overflowed (inf) norm is no gradient: not logged
+    assert sorted(norms) == sorted(set(range(1, steps + 1)) - set(skipped_at)) and all(map(math.isfinite,
+                                                                                        norms.values()))
+    lrs, _ = scalars(str(out), "train/learning_rate")
+    first_applied = min(norms)
+    assert all(lrs[s] == lrs[1] for s in range(1, first_applied + 1)) and lrs[steps] < lrs[1]
+    b = [k for k in load_file(str(out / "adapter" / "compact" / "adapter_model.safetensors")) if k.endswith("lora_B")]
+    at_8 = load_file(str(out / "checkpoints" / "global_step8" / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapter" / "compact" / "adapter_model.safetensors"))
+    assert b and not any(at_8[k].any() for k in b) and all(final[k].any() for k in b)

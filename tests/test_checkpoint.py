@@ -246,3 +246,22 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_on_every_rank_not_executed(
         assert messages[0] == messages[1] and messages[0].startswith("rank 1: UnpicklingError"), messages
         assert not marker.exists()
         open(path, "wb").write(original)
+
+
+def test_a_checkpoint_of_another_base_model_is_named_in_one_line(tmp_path):
+    """The base model is compared by shape, not by folder (folders move); the line names both."""
+    import json
+
+    from conftest import tiny_model
+    from ds_aslora.checkpoint import META_FILE, check_resumable, model_identity
+
+    os.makedirs(tmp_path / "global_step1")
+    meta = {"world_size": 1, "zero_stage": 0, "adapter": {}, "model": model_identity(tiny_model(), name="/models/a")}
+    (tmp_path / "global_step1" / META_FILE).write_text(json.dumps(meta))
+    check_resumable(str(tmp_path), "global_step1", world=1, stage=0, adapter={},
+                    model=model_identity(tiny_model(seed=1), name="/moved/a"))
+    with pytest.raises(ValueError) as info:
+        check_resumable(str(tmp_path), "global_step1", world=1, stage=0, adapter={},
+                        model=model_identity(tiny_model(num_hidden_layers=2).config, name="/models/b"))
+    assert str(info.value) == ("checkpoint 'global_step1' was trained on another base model: '/models/a' there, "
+                               "'/models/b' here (num_hidden_layers=4 there, 2 here)")

@@ -18,8 +18,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (LATEST, CheckpointError, check_resumable, load_checkpoint,
-                          save_checkpoint)
+from ..checkpoint import (LATEST, CheckpointError, check_resumable, check_same_model, load_checkpoint,
+                          model_identity, save_checkpoint)
 from ..coordinator import MergeCoordinator
 from ..count import count_trainable
 from ..distributed import initialize
@@ -36,7 +36,7 @@ from .model_setup import (TINY, check_model_folder, enable_activation_checkpoint
 from .run_config import ConfigError, RunConfig, derive, deepspeed_config, lr_at, parse_run_config, save_resolved
 from .tensorboard_log import RunLogger
 
-CHECKPOINTS, ADAPTER, RUNS = "checkpoints", "adapter", "runs"
+CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"
 SAMPLE_PROMPT = "ROMEO:\n"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU.
 # Each applies only where the user left the field at its default.
@@ -212,15 +212,16 @@ def check_same_data(saved: dict, now: dict) -> None:
                           "repeat rows: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
 
 
-def model_width(model: Optional[str]) -> int:
-    """hidden_size, for ZeRO-3's bucket sizes (the DeepSpeed config's ``"auto"`` values)."""
+def base_config(model: str, trust_remote_code: bool) -> Any:
+    """The base model's config without its weights: its width sizes ZeRO-3's buckets (the
+    DeepSpeed config's ``"auto"`` values) and its shape is checked against a checkpoint's."""
     if model == TINY:
         from .model_setup import tiny_config
 
-        return tiny_config().hidden_size
+        return tiny_config()
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model).hidden_size
+    return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
 def rotate_checkpoints(ckpt_dir: str, keep: Optional[int]) -> None:
@@ -249,14 +250,14 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     resume_from = resume_point(run)
     ds_json = load_ds_config(ds_path)
     derived = derive(run, world, ds_json, ds_path=ds_path)
+    resumable = None
     if resume_from is not None:  # before anything is built: the checkpoint's metadata alone
         try:
-            check_resumable(*resume_from, world=world, stage=ds_json.get("zero_optimization", {}).get("stage", 0),
-                            adapter=run.adapter.to_dict())
+            resumable = check_resumable(*resume_from, world=world,
+                                        stage=ds_json.get("zero_optimization", {}).get("stage", 0),
+                                        adapter=run.adapter.to_dict())
         except (OSError, ValueError) as err:
             raise ConfigError(str(err)) from None
-    out = run.logging.output_dir
-    check_shared_filesystem(out)
     # The default model is converted once per node (locked); every rank then reads it.
     model_path = run.model.model if run.model.model == TINY else (
         resolve_model_path(run.model.model) if _local_rank() == 0 else None)
@@ -264,8 +265,16 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     model_path = model_path or resolve_model_path(run.model.model)
     if model_path != TINY:
         check_model_folder(model_path)
+    config = base_config(model_path, run.model.trust_remote_code)
+    if resumable is not None and "model" in resumable[1]:  # another base model: refused before DeepSpeed writes
+        try:
+            check_same_model(resumable[0], resumable[1]["model"], model_identity(config, name=model_path))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    out = run.logging.output_dir
+    check_shared_filesystem(out)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
-                                 hidden_size=model_width(model_path))
+                                 hidden_size=config.hidden_size)
     model, tokenizer, keep_alive, source = load_model_and_tokenizer(
         model_path, ds_config, derived.dtype, seed=run.training.seed,
         trust_remote_code=run.model.trust_remote_code)
@@ -373,10 +382,14 @@ def execute(s: Setup) -> dict:
         with open(os.path.join(out, "sample.txt"), "w") as f:
             f.write(sample + "\n")
     logger.text("sample", engine.global_steps, sample)
-    summary.update(sample=sample, wall_seconds=time.time() - s.started, steps=engine.global_steps)
+    # DeepSpeed counts a step the fp16 loss scaler skipped in global_steps; the adapters moved steps - skipped times
+    summary.update(sample=sample, wall_seconds=time.time() - s.started, steps=engine.global_steps,
+                   skipped_steps=engine.skipped_steps)
     if merger is not None:
         summary["live_B_groups"] = merger.policy.live_groups()
         summary["trainable_after_merges"] = count_trainable(engine.module)
+    if rank == 0:  # the run's figures for scripts (bench/quality.py reads it)
+        write_text(os.path.join(out, SUMMARY), json.dumps(summary, indent=2) + "\n")
     logger.close()
     return summary
 
@@ -384,6 +397,9 @@ def execute(s: Setup) -> dict:
 def report(summary: dict) -> None:
     if "perplexity_before" in summary and "perplexity_after" in summary:
         say(f"held-out perplexity: {summary['perplexity_before']:.2f} -> {summary['perplexity_after']:.2f}")
+    if summary.get("skipped_steps"):
+        say(f"{summary['skipped_steps']} of {summary['steps']} steps were skipped by the fp16 loss scaler (gradient "
+            f"overflow): the adapters were updated {summary['steps'] - summary['skipped_steps']} times")
     say(f"sample: {summary['sample']!r}")
     say(f"done in {summary['wall_seconds']:.0f} s ({summary['steps']} steps); adapters in "
         f"{os.path.join(summary['output_dir'], ADAPTER)}; TensorBoard: tensorboard --logdir "

@@ -3,8 +3,9 @@
 Per optimizer step: this rank's micro-batches of the global batch (``GlobalBatches``), each
 through ``micro_step`` (forward, backward, the bank's all-reduce at the boundary, the engine's
 and the bank's updates, ASLoRA's merges), the loss normalised by the global batch's target
-tokens, a NaN check agreed by all ranks, then logging, evaluation and checkpoints at their
-intervals. The learning rate comes from the engine's schedule (``lr_at``, set up by the job).
+tokens, a NaN/inf check of the loss and the gradient norm agreed by all ranks, then logging,
+evaluation and checkpoints at their intervals. The learning rate comes from the engine's
+schedule (``lr_at``, set up by the job).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .tensorboard_log import RunLogger
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops before anything poisoned is saved."""
+    """The loss or the gradients became NaN or inf: the run stops before anything poisoned is saved."""
 
 
 @dataclass
@@ -64,6 +65,12 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _loss_scale(engine: Any) -> str:
+    """The fp16 loss scaler's current scale, as DeepSpeed's optimizers (ZeRO or not) expose it."""
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    return f"{scale:.0f}" if isinstance(scale, (int, float)) else "?"
 
 
 def grad_norm(job: Job) -> Optional[float]:
@@ -143,6 +150,7 @@ def train(job: Job, start_step: int) -> list[dict]:
             # the engine divides by the accumulation and averages ranks, so the step's gradient is that of the
             # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
             n_items = torch.tensor(max(step_batch.global_target_tokens, 1) / per_rank_share, device=engine.device)
+            skipped_before = engine.skipped_steps
             local_loss, local_tokens, merges = 0.0, 0, []
             for micro in step_batch.micro_batches:
                 batch = {k: v.to(engine.device) for k, v in micro.items()}
@@ -150,13 +158,26 @@ def train(job: Job, start_step: int) -> list[dict]:
                 local_loss += float(loss)
                 local_tokens += int(batch["attention_mask"].sum())
                 merges += applied
-            summed_loss, tokens, bad = _all_reduce_sum(
-                [local_loss, local_tokens, float(not math.isfinite(local_loss))], engine.device)
-            if bad:  # every rank sees the same sum: all stop together, before any save
+            # fp16: overflowing scaled gradients make the loss scaler skip the update and lower its scale (all
+            # ranks agree). Expected, not a divergence (the loss above was finite): counted and logged, not fatal.
+            skipped = engine.skipped_steps > skipped_before
+            # Without a loss scaler a non-finite gradient (a finite loss can have one) is a divergence: DeepSpeed
+            # skipped the update (ZeRO-1/2/3 check the norm) or applied it (bf16 without the check: the weights are
+            # poisoned). norm None: this engine keeps no norm (stage 0 in fp32 without clipping).
+            norm = None if skipped else grad_norm(job)
+            fp16 = job.derived.dtype == "fp16"
+            bad_grad = (skipped and not fp16) or (norm is not None and not math.isfinite(norm))
+            summed_loss, tokens, bad_loss, bad_grad = _all_reduce_sum(
+                [local_loss, local_tokens, float(not math.isfinite(local_loss)), float(bad_grad)], engine.device)
+            if bad_loss or bad_grad:  # every rank sees the same sums: all stop together, before any save
                 rows = batches.global_indices(step_batch.step).tolist()
-                raise NonFiniteLoss(f"non-finite loss at optimizer step {step} (epoch {step_batch.epoch}; training "
+                what = "loss" if bad_loss else "gradient norm"
+                raise NonFiniteLoss(f"non-finite {what} at optimizer step {step} (epoch {step_batch.epoch}; training "
                                     f"rows {rows} of the tokenised dataset); no checkpoint was written for it")
             loss = summed_loss / per_rank_share
+            if skipped and rank == 0:
+                bar.write(f"step {step}: fp16 gradient overflow; the loss scaler skipped this update (loss scale now "
+                          f"{_loss_scale(engine)}; {engine.skipped_steps} steps skipped so far)")
             elapsed = time.perf_counter() - started
             window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
                       "tokens": window["tokens"] + tokens, "seconds": window["seconds"] + elapsed}
@@ -166,7 +187,7 @@ def train(job: Job, start_step: int) -> list[dict]:
             if step % job.log_interval == 0 or step == derived.max_steps:
                 record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
                                "train/skipped_steps": engine.skipped_steps,  # fp16 overflows the loss scaler skipped
-                               "train/grad_norm": grad_norm(job),
+                               "train/grad_norm": norm,  # None when skipped (DeepSpeed reports inf there)
                                "train/tokens_per_second": window["tokens"] / window["seconds"],
                                "memory/peak_gib": peak_memory_gib(),
                                "params/trainable": count_trainable(engine.module)})
