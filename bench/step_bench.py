@@ -11,6 +11,8 @@ Run on CPU ranks (or GPUs, without DS_ACCELERATOR):
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bench/step_bench.py --stage 2
 
 The default shape is SmolLM2-135M's (30 layers, hidden 576, GQA 9/3 heads), random weights.
+Under ZeRO-3 our variants re-gather their persistent tensors after each step in one all-gather per
+dtype (ds_aslora.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ds_aslora import AdapterConfig, count_trainable, inject_adapters
 from ds_aslora.comm_audit import audit_collectives
 from ds_aslora.distributed import initialize
 from ds_aslora.step import micro_step
+from ds_aslora.zero3_gather import restore_persistent_gather
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -73,6 +76,8 @@ def build(variant, args):
     model = inject_adapters(model, cfg)
     trainable = count_trainable(model)
     engine, bank = initialize(model, config)
+    if args.uncoalesced:
+        restore_persistent_gather(engine.optimizer)
     return engine, bank, trainable
 
 
@@ -88,6 +93,9 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--persistence_threshold", type=int, default=None,
                         help="ZeRO-3 stage3_param_persistence_threshold (default: DeepSpeed's, 1e5)")
+    parser.add_argument("--uncoalesced", action="store_true",
+                        help="ZeRO-3: our variants keep DeepSpeed's one post-step all-gather per persistent parameter "
+                             "(ds_aslora.zero3_gather off; the frozen base and peft always use DeepSpeed's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()

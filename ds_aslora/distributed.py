@@ -29,6 +29,7 @@ from .bank import SharedBank
 from .bank_optim import bank_optimizer
 from .inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
 from .replicated_bank import ReplicatedBank
+from .zero3_gather import coalesce_persistent_gather
 
 
 def lift_bank(model: nn.Module) -> Optional[SharedBank]:
@@ -158,6 +159,7 @@ def initialize(model: nn.Module, ds_config: dict, shared_mode: str = "replicated
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                       lr_scheduler=scheduler)
     check_tied_bs_resident(engine.module)
+    coalesce_persistent_gather(engine.optimizer)  # ZeRO-3 only: one post-step all-gather per dtype
     if not replicated:
         return engine, None
     bank.to(engine.device)

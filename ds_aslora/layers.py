@@ -43,7 +43,10 @@ class AdapterLinear(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.r, self.scaling, self.a_key, self.b_key = r, scaling, a_key, b_key
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Functional dropout, not an nn.Dropout/nn.Identity child (peft's shape): ZeRO-3 hooks
+        # every module (fetch, release, trace, backward functions), so a parameterless child
+        # costs four hook calls per layer per step; F.dropout is what nn.Dropout calls.
+        self.dropout = dropout
         # Plain lists keep these references out of the module tree (no double registration).
         self._bank = [bank]
         self._tie: list[AdapterLinear] = []
@@ -91,7 +94,9 @@ class AdapterLinear(nn.Module):
         own = self.lora_A if self.lora_A is not None else self.lora_B
         dtype = own.dtype if own is not None else x.dtype
         x = x.to(dtype)
-        delta = F.linear(F.linear(self.lora_dropout(x), A.to(dtype)), B.to(dtype))  # (..., r) -> (..., d_out)
+        if self.dropout > 0:
+            x = F.dropout(x, self.dropout, self.training)
+        delta = F.linear(F.linear(x, A.to(dtype)), B.to(dtype))  # (..., r) -> (..., d_out)
         if self._tie:
             # A retired B keeps a zero-weight use: every ZeRO stage then gives it an exact zero
             # gradient (ZeRO-3 would re-apply the last gradient partition of a parameter that
@@ -100,5 +105,5 @@ class AdapterLinear(nn.Module):
         return (result + delta * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, dropout={self.dropout}, "
                 f"A={self.a_key or 'own'}, B={self.b_key or 'own'}")
