@@ -29,7 +29,7 @@ from .bank import SharedBank
 from .bank_optim import bank_optimizer
 from .inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
 from .replicated_bank import ReplicatedBank
-from .zero3_gather import coalesce_persistent_gather
+from .zero3_gather import coalesce_persistent_gather, keep_persistent_resident
 
 
 def lift_bank(model: nn.Module) -> Optional[SharedBank]:
@@ -160,6 +160,7 @@ def initialize(model: nn.Module, ds_config: dict, shared_mode: str = "replicated
                                       lr_scheduler=scheduler)
     check_tied_bs_resident(engine.module)
     coalesce_persistent_gather(engine.optimizer)  # ZeRO-3 only: one post-step all-gather per dtype
+    keep_persistent_resident(engine.optimizer)  # ZeRO-3 only: whole after a skipped (fp16 overflow) step too
     if not replicated:
         return engine, None
     bank.to(engine.device)

@@ -39,5 +39,7 @@ def raise_together(error: Optional[str], exc_type: type[Exception] = RuntimeErro
         errors = [None] * world
         dist.all_gather_object(errors, error)
     found = [(rank, e) for rank, e in enumerate(errors) if e]
+    if found and len(found) == len(errors) and len({e for _, e in found}) == 1:
+        raise exc_type(found[0][1])  # every rank hit the same problem: no rank to name
     if found:
         raise exc_type(f"rank {found[0][0]}: {found[0][1]}")

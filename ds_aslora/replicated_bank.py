@@ -112,6 +112,11 @@ class ReplicatedBank:
                 self.nonfinite_skips += 1
                 logger.warning(f"shared bank: non-finite gradient norm at step {self.engine.global_steps}; "
                                f"bank update skipped ({self.nonfinite_skips} so far)")
+                # The bank's gradient sums every layer's, so it can overflow fp16 where the engine's did not;
+                # the engine's scaler never sees it: lower the scale as an overflow of the engine would.
+                scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+                if self.engine.fp16_enabled() and getattr(scaler, "dynamic", False):
+                    scaler.update_scale(True)
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:

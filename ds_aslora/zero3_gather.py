@@ -17,6 +17,14 @@ copies of the same partitions, laid out as DeepSpeed lays them (rank r holds ele
 ``[r*ds_tensor.ds_numel, (r+1)*ds_tensor.ds_numel)``, the last one zero-padded), so the result
 is bit-identical. DeepSpeed's path stays wherever the layout could differ (another DeepSpeed
 minor version, NVMe offload, quantized weights, hpZ secondary partitions, one rank).
+Partitions offloaded to CPU (``offload_param: cpu``) are concatenated there and moved to the
+accelerator, as DeepSpeed moves each one; a bucket holds at most ``BUCKET_BYTES`` of partitions,
+so the transient copy stays small at 70B.
+
+``keep_persistent_resident(optimizer)`` (every ZeRO-3 optimizer with persistent parameters)
+re-gathers them when a ``step()`` returned without ``_post_step``: on an fp16 overflow DeepSpeed
+releases every parameter and returns early, and ASLoRA's tied layers read their representative's
+B outside its module, where no hook fetches it.
 """
 from __future__ import annotations
 
@@ -26,11 +34,13 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import log_dist
 
 SUPPORTED_DEEPSPEED = (0, 19)  # the layout below was read from 0.19's partition_parameters.py
+BUCKET_BYTES = 256 * 2**20  # local partitions per collective (the gathered buffer is world x this)
 
 
 def _unsupported(optimizer: Any) -> Optional[str]:
@@ -44,10 +54,10 @@ def _unsupported(optimizer: Any) -> Optional[str]:
     device = torch.device(get_accelerator().current_device_name())  # where DeepSpeed gathers them
     for p in optimizer.persistent_parameters:
         part = p.ds_tensor
-        if part is None or getattr(part, "final_location", None) is not None:
+        if part is None or getattr(part, "final_location", None) == OffloadDeviceEnum.nvme:
             return "NVMe parameter offload"
-        if part.device != device:
-            return f"partitions on {part.device}, not {device}"
+        if part.device not in (device, torch.device("cpu")):
+            return f"partitions on {part.device}, not {device} or the CPU"
         if hasattr(part, "ds_quant_scale"):
             return "quantized weights"
         if p.ds_secondary_tensor is not None or p.ds_zero_param_process_group is not None:
@@ -65,15 +75,26 @@ def gather_persistent(params: list) -> int:
     """All-gather the ``NOT_AVAILABLE`` parameters of ``params`` (DeepSpeed ZeRO-3 parameters,
     same list and order on every rank) with one collective per (process group, dtype, device).
     Returns the number of collectives."""
-    buckets: dict[tuple, list] = {}
+    device = torch.device(get_accelerator().current_device_name())
+    by_kind: dict[tuple, list] = {}
     for p in params:
         if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
-            buckets.setdefault((id(p.ds_process_group), p.ds_tensor.dtype, p.ds_tensor.device), []).append(p)
+            by_kind.setdefault((id(p.ds_process_group), p.ds_tensor.dtype), []).append(p)
+    buckets = []
+    for ps in by_kind.values():  # split by size, in list order: the same buckets on every rank
+        bucket, size = [], 0
+        for p in ps:
+            if bucket and size + p.ds_tensor.numel() * p.ds_tensor.element_size() > BUCKET_BYTES:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        buckets.append(bucket)
     launched = []
-    for ps in buckets.values():
+    for ps in buckets:
         group = ps[0].ds_process_group
-        local = torch.cat([p.ds_tensor for p in ps])
-        out = torch.empty(dist.get_world_size(group=group) * local.numel(), dtype=local.dtype, device=local.device)
+        local = torch.cat([p.ds_tensor.to(device, non_blocking=True) for p in ps])  # CPU-offloaded: moved
+        out = torch.empty(dist.get_world_size(group=group) * local.numel(), dtype=local.dtype, device=device)
         # allgather_fn: all_gather_into_tensor, or DeepSpeed's list all_gather where torch lacks it
         launched.append((ps, out, dist.allgather_fn(out, local, group=group, async_op=True)))
     for ps, out, handle in launched:
@@ -111,6 +132,27 @@ def coalesce_persistent_gather(optimizer: Any) -> bool:
     log_dist(f"ZeRO-3: the {len(optimizer.persistent_parameters)} persistent parameters are re-gathered after each "
              f"step in one all-gather per dtype", ranks=[0])
     return True
+
+
+def keep_persistent_resident(optimizer: Any) -> None:
+    """After every ``step()`` of this ZeRO-3 optimizer its persistent parameters are whole, also
+    when the step was skipped (fp16 overflow: no ``_post_step``). The condition is the same on
+    every rank (the overflow is agreed), so every rank takes the same collective path."""
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) or not optimizer.persistent_parameters:
+        return
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        persistent = optimizer.persistent_parameters
+        if any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in persistent):
+            if is_coalesced(optimizer):
+                gather_persistent(persistent)
+            else:
+                persistent[0].all_gather(persistent)
+        return result
+
+    optimizer.step = step
 
 
 def is_coalesced(optimizer: Any) -> bool:

@@ -97,6 +97,28 @@ def test_fp16_bank_update_equals_fp32_whatever_the_loss_scale(optimizer):
         assert norm == pytest.approx(want_norm, rel=1e-6) and want_norm == pytest.approx(5.5, rel=1e-6)
 
 
+def test_a_bank_only_fp16_overflow_skips_the_bank_and_lowers_the_engines_loss_scale():
+    class Scaler:  # DeepSpeed's DynamicLossScaler interface: update_scale(overflow) lowers the scale
+        dynamic, overflows = True, []
+
+        def update_scale(self, overflow):
+            self.overflows.append(overflow)
+
+    bank = SharedBank(AdapterConfig(method="sharelora"))
+    bank.add("A_q_proj", (2, 3), zeros=False, device=torch.device("cpu"), dtype=torch.float32, user="q")
+    A = bank.get("A_q_proj")
+    before = A.detach().clone()
+    engine = FakeEngine(2.0 ** 16)
+    engine.optimizer.loss_scaler = scaler = Scaler()
+    replicated = ReplicatedBank(bank, engine, bank_optimizer([A], {"type": "AdamW", "params": {"lr": 0.1}}))
+    A.grad = torch.full((2, 3), float("inf"))  # the engine's own gradients were finite: it stepped
+    replicated.reduce()
+    engine.step()
+    replicated.step()
+    assert torch.equal(A.detach(), before) and replicated.nonfinite_skips == 1
+    assert scaler.overflows == [True]
+
+
 def test_bank_follows_the_configured_optimizer():
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert type(bank_optimizer(p, {"type": "AdamW", "params": {"lr": 1, "torch_adam": True}})) is torch.optim.AdamW

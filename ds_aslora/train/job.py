@@ -263,14 +263,17 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         resolve_model_path(run.model.model) if _local_rank() == 0 else None)
     _setup_barrier()
     model_path = model_path or resolve_model_path(run.model.model)
-    if model_path != TINY:
-        check_model_folder(model_path)
-    config = base_config(model_path, run.model.trust_remote_code)
-    if resumable is not None and "model" in resumable[1]:  # another base model: refused before DeepSpeed writes
-        try:
+    # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
+    error, config = None, None
+    try:
+        if model_path != TINY:
+            check_model_folder(model_path)
+        config = base_config(model_path, run.model.trust_remote_code)
+        if resumable is not None and "model" in resumable[1]:  # another base model: refused before DeepSpeed writes
             check_same_model(resumable[0], resumable[1]["model"], model_identity(config, name=model_path))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    except (OSError, ValueError) as err:
+        error = str(err)
+    raise_together(error, ConfigError)
     out = run.logging.output_dir
     check_shared_filesystem(out)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,

@@ -163,10 +163,10 @@ def train(job: Job, start_step: int) -> list[dict]:
             skipped = engine.skipped_steps > skipped_before
             # Without a loss scaler a non-finite gradient (a finite loss can have one) is a divergence: DeepSpeed
             # skipped the update (ZeRO-1/2/3 check the norm) or applied it (bf16 without the check: the weights are
-            # poisoned). norm None: this engine keeps no norm (stage 0 in fp32 without clipping).
+            # poisoned). Under fp16 it is the scaler's (the bank's overflow lowers the scale too: ReplicatedBank).
+            # norm None: this engine keeps no norm (stage 0 in fp32 without clipping).
             norm = None if skipped else grad_norm(job)
-            fp16 = job.derived.dtype == "fp16"
-            bad_grad = (skipped and not fp16) or (norm is not None and not math.isfinite(norm))
+            bad_grad = job.derived.dtype != "fp16" and (skipped or (norm is not None and not math.isfinite(norm)))
             summed_loss, tokens, bad_loss, bad_grad = _all_reduce_sum(
                 [local_loss, local_tokens, float(not math.isfinite(local_loss)), float(bad_grad)], engine.device)
             if bad_loss or bad_grad:  # every rank sees the same sums: all stop together, before any save
