@@ -41,7 +41,7 @@ from ds_aslora.count import build_on_meta, count_after_merges, count_trainable  
 from ds_aslora.export import load_compact  # noqa: E402
 from ds_aslora.ranks import remove_shm_buffers  # noqa: E402
 from ds_aslora.train.assets import default_model_dir  # noqa: E402
-from ds_aslora.train.data import _Renderer  # noqa: E402
+from ds_aslora.train.data import Renderer  # noqa: E402
 
 INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"
 LABELS = ("negative", "positive")  # one token each in SmolLM2's vocabulary (after the job's "### Response:\n")
@@ -157,7 +157,7 @@ class Scorer:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.label_ids = [self.tok.encode(w, add_special_tokens=False)[0] for w in LABELS]
-        render = _Renderer(self.tok, "alpaca", train_on_prompt=False)
+        render = Renderer(self.tok, "alpaca", train_on_prompt=False)
         self.prompts, self.labels = [], []
         for review in test:  # the job's own rendering, minus the answer token and EOS
             ids, _ = render(alpaca_row(review), 0)

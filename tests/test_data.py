@@ -270,8 +270,8 @@ def test_rows_without_targets_are_dropped_and_none_left_is_an_error():
 def test_a_second_tokenize_reads_the_cache(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     calls = []
-    real = D._Renderer.__call__
-    monkeypatch.setattr(D._Renderer, "__call__", lambda *a: calls.append(1) or real(*a))
+    real = D.Renderer.__call__
+    monkeypatch.setattr(D.Renderer, "__call__", lambda *a: calls.append(1) or real(*a))
     first, _ = tokenize(load_data(asset("alpaca.jsonl"), cache), word_tokenizer(), "auto", 64, cache_dir=cache)
     assert len(calls) == 3
     # A restart: the file loaded again, a new tokenizer object built the same way.

@@ -194,8 +194,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class _Renderer:
-    """One row -> (input_ids, trainable mask), for one tokenizer and format."""
+class Renderer:
+    """One row -> (input_ids, trainable mask), for one tokenizer and format (bench/quality.py renders its
+    test prompts with it, so scoring sees exactly what training saw)."""
 
     def __init__(self, tokenizer: Any, fmt: str, train_on_prompt: bool):
         self.tok, self.fmt, self.train_on_prompt = tokenizer, fmt, train_on_prompt
@@ -293,7 +294,7 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
     fmt = detect_format(dataset.column_names, fmt, source)
     key = Hasher.hash([dataset._fingerprint, Hasher.hash(tokenizer), fmt, max_seq_length, train_on_prompt,
                        CACHE_VERSION])
-    renderer = _Renderer(tokenizer, fmt, train_on_prompt)
+    renderer = Renderer(tokenizer, fmt, train_on_prompt)
 
     def rows_to_tokens(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": []}
