@@ -193,9 +193,9 @@ def table(results: dict, zero_shot: float, budget: Budget) -> str:
         acc = [r["accuracy"] for r in runs]
         params, start = runs[0]["trainable"], runs[0]["trainable_start"]
         shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        std = f"{statistics.stdev(acc):.3f}" if len(acc) > 1 else "n/a (1 seed)"
         seconds = statistics.median(r["wall_seconds"] for r in runs)
-        lines.append(f"| {method} | {shown} | {100 * params / lora:.1f}% | {statistics.mean(acc):.3f} ± {std:.3f} "
+        lines.append(f"| {method} | {shown} | {100 * params / lora:.1f}% | {statistics.mean(acc):.3f} ± {std} "
                      f"| {len(acc)} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -205,6 +205,7 @@ def plot(results: dict, zero_shot: float, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in METHODS:
@@ -215,6 +216,7 @@ def plot(results: dict, zero_shot: float, path: str) -> None:
             ax.errorbar(runs[0]["trainable"], statistics.mean(acc), yerr=std, fmt="o", capsize=4, label=method)
     ax.axhline(zero_shot, color="grey", linestyle="--", label="zero-shot")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
     ax.set_xlabel("trainable parameters (at the end of training)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title("SmolLM2-135M-Instruct, Rotten Tomatoes (split by movie)")

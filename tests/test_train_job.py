@@ -7,6 +7,7 @@ the job's eval loss in peft and in transformers, and TensorBoard holds what was 
 """
 import glob
 import math
+import json
 import os
 import shutil
 import sys
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from launcher import ROOT, launch
 METHODS = {"lora": ["--method", "lora"], "shareA": ["--method", "sharelora", "--share", "A"],
+           "shareAB": ["--method", "sharelora", "--share", "AB"],  # no per-layer tensor: the bank in the engine
            "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--target_groups", "2"]}
 
 
@@ -49,6 +51,8 @@ def test_every_method_trains_and_held_out_loss_falls(assets, stage, method):
     out = trained(assets, stage, method)
     losses, _ = scalars(out, "eval/loss")
     assert set(losses) == {0, 6} and losses[6] < losses[0] - 0.05, losses
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["steps"] == 6
     for name in ("run_config.yaml", "ds_config.json", "sample.txt", "adapter/peft/adapter_model.safetensors",
                  "adapter/compact/adapter_model.safetensors", "checkpoints/global_step6/adapter/adapter_config.json"):
         assert os.path.isfile(os.path.join(out, name)), name

@@ -298,7 +298,10 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if run.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     # the engine's scheduler also computes the lr after the last step: hold it there
-    engine, bank = initialize(model, ds_config, lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
+    # sharelora share=AB has no per-layer tensor: its shared tensors are then DeepSpeed's own parameters
+    shared_mode = "engine" if run.adapter.method == "sharelora" and run.adapter.share == "AB" else "replicated"
+    engine, bank = initialize(model, ds_config, shared_mode=shared_mode,
+                              lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
     merger = MergeCoordinator(engine) if run.adapter.method == "aslora" else None
     ckpt_dir = os.path.join(out, CHECKPOINTS)
     if resume_from is None and run.checkpoint.overwrite_output_dir and rank == 0:
