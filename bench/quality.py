@@ -25,11 +25,9 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -39,9 +37,10 @@ sys.path.insert(0, ROOT)
 from ds_aslora import AdapterConfig  # noqa: E402
 from ds_aslora.count import build_on_meta, count_after_merges, count_trainable  # noqa: E402
 from ds_aslora.export import load_compact  # noqa: E402
-from ds_aslora.ranks import remove_shm_buffers  # noqa: E402
+from ds_aslora.ranks import free_port, remove_shm_buffers  # noqa: E402
 from ds_aslora.train.assets import default_model_dir  # noqa: E402
 from ds_aslora.train.data import Renderer  # noqa: E402
+from ds_aslora.train.job import SUMMARY  # noqa: E402
 
 INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"
 LABELS = ("negative", "positive")  # one token each in SmolLM2's vocabulary (after the job's "### Response:\n")
@@ -120,32 +119,27 @@ def aslora_schedule(model_dir: str, budget: Budget) -> dict:
 
 
 def train(method: str, seed: int, budget: Budget, data: str, out: str, schedule: dict) -> dict:
-    """One run of the training job; returns its summary.json."""
+    """One run of the training job; returns its summary (SUMMARY in the run folder)."""
     flags = {**METHODS[method], **(schedule if method == "ASLoRA" else {}),
              "r": budget.r, "alpha": budget.alpha, "target_modules": budget.targets, "data": data, "format": "alpaca",
              "max_steps": budget.steps, "micro_batch_size": budget.micro_batch_size, "gradient_accumulation_steps": 1,
              "learning_rate": budget.learning_rate, "warmup_ratio": 0.1, "lr_scheduler": "cosine", "seed": seed,
              "dtype": "fp32", "max_seq_length": 256, "activation_checkpointing": "false", "eval_interval": 0,
              "save_interval": 0, "log_interval": 10, "output_dir": out, "overwrite_output_dir": "true"}
-    with socket.socket() as s:  # a free port for this job's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())  # this job's rendezvous
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", port,
            os.path.join(ROOT, "launch", "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")]
     for key, value in flags.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    started = time.time()
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     finally:
         remove_shm_buffers(port)
     if done.returncode != 0:
         sys.exit(f"error: {method} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
-    summary["launch_seconds"] = time.time() - started
-    return summary
+    with open(os.path.join(out, SUMMARY)) as f:
+        return json.load(f)
 
 
 class Scorer:
@@ -185,15 +179,18 @@ class Scorer:
         return right / len(self.prompts)
 
 
+def by_method(results: dict) -> dict[str, list[dict]]:
+    """The recorded runs of each method that has any, in METHODS order."""
+    grouped = {m: [r for r in results.values() if r["method"] == m] for m in METHODS}
+    return {m: runs for m, runs in grouped.items() if runs}
+
+
 def table(results: dict, zero_shot: float, budget: Budget) -> str:
     lora = statistics.mean(r["trainable"] for r in results.values() if r["method"] == "LoRA")
     lines = [f"Zero-shot (no adapter): accuracy {zero_shot:.3f} on {budget.test_size} test reviews.", "",
              "| method | trainable params | % of LoRA | accuracy (mean ± std) | seeds | train time (s) |",
              "|---|---|---|---|---|---|"]
-    for method in METHODS:
-        runs = [r for r in results.values() if r["method"] == method]
-        if not runs:
-            continue
+    for method, runs in by_method(results).items():
         acc = [r["accuracy"] for r in runs]
         params, start = runs[0]["trainable"], runs[0]["trainable_start"]
         shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
@@ -212,12 +209,10 @@ def plot(results: dict, zero_shot: float, path: str) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in METHODS:
-        runs = [r for r in results.values() if r["method"] == method]
-        if runs:
-            acc = [r["accuracy"] for r in runs]
-            std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            ax.errorbar(runs[0]["trainable"], statistics.mean(acc), yerr=std, fmt="o", capsize=4, label=method)
+    for method, runs in by_method(results).items():
+        acc = [r["accuracy"] for r in runs]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        ax.errorbar(runs[0]["trainable"], statistics.mean(acc), yerr=std, fmt="o", capsize=4, label=method)
     ax.axhline(zero_shot, color="grey", linestyle="--", label="zero-shot")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap

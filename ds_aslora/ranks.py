@@ -7,6 +7,7 @@ learns every rank's outcome and all raise the same error, or none does.
 """
 from __future__ import annotations
 
+import socket
 from typing import Optional
 
 import torch.distributed as dist
@@ -16,6 +17,13 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a local rendezvous (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def remove_shm_buffers(port: int | str) -> None:

@@ -84,11 +84,12 @@ def gather_persistent(params: list) -> int:
     for ps in by_kind.values():  # split by size, in list order: the same buckets on every rank
         bucket, size = [], 0
         for p in ps:
-            if bucket and size + p.ds_tensor.numel() * p.ds_tensor.element_size() > BUCKET_BYTES:
+            nbytes = p.ds_tensor.numel() * p.ds_tensor.element_size()
+            if bucket and size + nbytes > BUCKET_BYTES:
                 buckets.append(bucket)
                 bucket, size = [], 0
             bucket.append(p)
-            size += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            size += nbytes
         buckets.append(bucket)
     launched = []
     for ps in buckets:

@@ -3,8 +3,7 @@ import os
 import subprocess
 import sys
 
-from ds_aslora.ranks import remove_shm_buffers
-from multirank import _free_port
+from ds_aslora.ranks import free_port, remove_shm_buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -14,7 +13,7 @@ COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r
 
 def launch(assets, out, *args, ranks=2, stage=3, check=True):
     """One job through the deepspeed launcher; every finished job must exit 0 (no teardown abort)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),

@@ -8,7 +8,6 @@ fails the whole call with its traceback (torch terminates the other ranks), neve
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -16,13 +15,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from ds_aslora.ranks import remove_shm_buffers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ds_aslora.ranks import free_port, remove_shm_buffers
 
 
 def _worker(rank, fn, world_size, port, out_dir, args):
@@ -49,7 +42,7 @@ def _worker(rank, fn, world_size, port, out_dir, args):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         try:
             return _run(fn, world_size, port, out_dir, args, timeout)

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from launcher import COMMON, ROOT, launch
-from ds_aslora.ranks import remove_shm_buffers
-from multirank import _free_port
+from ds_aslora.ranks import free_port, remove_shm_buffers
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
@@ -19,7 +18,7 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 def two_nodes(assets, out, *args):
     """Two torchrun invocations (node ranks 0 and 1, 2 ranks each) meeting at 127.0.0.1. torchrun's
     own parser takes ``--r`` for an abbreviation of its options, so r goes in the YAML config."""
-    port = _free_port()
+    port = free_port()
     config = assets["root"] / "rank.yaml"
     config.write_text("r: 4\n")
     common = [a for i, a in enumerate(COMMON) if a != "--r" and (i == 0 or COMMON[i - 1] != "--r")]
@@ -66,7 +65,7 @@ def rank_pid(out, local_rank):
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_job_within_seconds_and_the_last_checkpoint_resumes(assets):
     out = assets["root"] / "killed"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")

@@ -27,7 +27,7 @@ from ..ds_config import load_ds_config
 from ..export import export_engine
 from ..inject import inject_adapters
 from ..atomic import write_text
-from ..ranks import raise_together, rank_and_world, remove_shm_buffers
+from ..ranks import free_port, raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import prepare_data
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
@@ -82,13 +82,8 @@ def init_distributed(timeout_minutes: float) -> None:
 
     launched = any(k in os.environ for k in LAUNCHER_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     if not launched:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     from datetime import timedelta
 
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
