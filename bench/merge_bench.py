@@ -24,10 +24,10 @@ from step_bench import SMOLLM2_135M, ds_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.comm_audit import audit_collectives
-from ds_aslora.coordinator import MergeCoordinator
-from ds_aslora.distributed import initialize
-from ds_aslora.step import micro_step
+from ds_aslora.merging.coordinator import MergeCoordinator
+from ds_aslora.runtime.comm_audit import audit_collectives
+from ds_aslora.runtime.engine import initialize
+from ds_aslora.runtime.step import micro_step
 
 
 def run_stage(stage, args):

@@ -35,12 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ds_aslora import AdapterConfig  # noqa: E402
-from ds_aslora.count import build_on_meta, count_after_merges, count_trainable  # noqa: E402
-from ds_aslora.export import load_compact  # noqa: E402
-from ds_aslora.ranks import free_port, remove_shm_buffers  # noqa: E402
+from ds_aslora.adapters.count import build_on_meta, count_after_merges, count_trainable  # noqa: E402
+from ds_aslora.export.adapter import load_compact  # noqa: E402
 from ds_aslora.train.assets import default_model_dir  # noqa: E402
 from ds_aslora.train.data import Renderer  # noqa: E402
 from ds_aslora.train.job import SUMMARY  # noqa: E402
+from ds_aslora.utils.ranks import free_port, remove_shm_buffers  # noqa: E402
 
 INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"
 LABELS = ("negative", "positive")  # one token each in SmolLM2's vocabulary (after the job's "### Response:\n")

@@ -12,7 +12,7 @@ Run on CPU ranks (or GPUs, without DS_ACCELERATOR):
 
 The default shape is SmolLM2-135M's (30 layers, hidden 576, GQA 9/3 heads), random weights.
 Under ZeRO-3 our variants re-gather their persistent tensors after each step in one all-gather per
-dtype (ds_aslora.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
+dtype (ds_aslora.runtime.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_aslora import AdapterConfig, count_trainable, inject_adapters
-from ds_aslora.comm_audit import audit_collectives
-from ds_aslora.distributed import initialize
-from ds_aslora.step import micro_step
-from ds_aslora.zero3_gather import restore_persistent_gather
+from ds_aslora.runtime.comm_audit import audit_collectives
+from ds_aslora.runtime.engine import initialize
+from ds_aslora.runtime.step import micro_step
+from ds_aslora.runtime.zero3_gather import restore_persistent_gather
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -95,7 +95,7 @@ def main():
                         help="ZeRO-3 stage3_param_persistence_threshold (default: DeepSpeed's, 1e5)")
     parser.add_argument("--uncoalesced", action="store_true",
                         help="ZeRO-3: our variants keep DeepSpeed's one post-step all-gather per persistent parameter "
-                             "(ds_aslora.zero3_gather off; the frozen base and peft always use DeepSpeed's)")
+                             "(ds_aslora.runtime.zero3_gather off; the frozen base and peft always use DeepSpeed's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()

@@ -20,9 +20,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_aslora.export import CONFIG  # noqa: E402
-from ds_aslora.merged_export import (ExportError, merge_into_base, parse_size, read_compact_config,  # noqa: E402
-                                      write_peft)
+from ds_aslora.export.adapter import CONFIG  # noqa: E402
+from ds_aslora.export.merged import ExportError, merge_into_base, parse_size, read_compact_config, write_peft  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

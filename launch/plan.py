@@ -6,9 +6,9 @@
 
 Builds the model on the meta device (no weights, no download), then prints the trainable
 counts (ASLoRA before and after its merge schedule) and the per-GPU memory table of
-``ds_aslora.memory`` beside the same table for peft-style plain LoRA on the same model, so the
+``ds_aslora.planning.memory`` beside the same table for peft-style plain LoRA on the same model, so the
 saving of sharing shows row by row; then the agreement with DeepSpeed's own estimators.
-Model-state rows are exact for the residency policy in ``ds_aslora/memory.py``; activation
+Model-state rows are exact for the residency policy in ``ds_aslora/planning/memory.py``; activation
 rows are estimates.
 """
 from __future__ import annotations
@@ -16,11 +16,18 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ds_aslora.config import AdapterConfig
-from ds_aslora.count import build_on_meta
-from ds_aslora.inject import adapter_layers
-from ds_aslora.memory import (DEEPSPEED_PERSISTENCE_THRESHOLD, MemoryPlan, TrainSetup, deepspeed_estimator_checks,
-                              memory_plan, schedule_merges, trainable_counts)
+from ds_aslora.adapters.config import AdapterConfig
+from ds_aslora.adapters.count import build_on_meta
+from ds_aslora.adapters.inject import adapter_layers
+from ds_aslora.planning.inventory import DEEPSPEED_PERSISTENCE_THRESHOLD
+from ds_aslora.planning.memory import (
+    MemoryPlan,
+    TrainSetup,
+    deepspeed_estimator_checks,
+    memory_plan,
+    schedule_merges,
+    trainable_counts,
+)
 
 
 def _threshold(value: str) -> str:
@@ -168,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"  {c.what:<58} ours {c.ours:>15,}  DeepSpeed {c.deepspeed:>15,}  {verdict}  ({c.note})")
 
     act = plan.activations
-    print(f"\nactivations: {act.formula} formula (ds_aslora.memory.activation_bytes); for reference, "
+    print(f"\nactivations: {act.formula} formula (ds_aslora.planning.activations.activation_bytes); for reference, "
           f"Korthikanti et al.'s s*b*h*(34 + 5*a*s/h) per layer, which stores attention scores, gives "
           f"{_fmt(act.standard, args.bytes)} without checkpointing")
 

@@ -11,8 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU DeepSpeed with gloo, no GPU needed
 
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,  # noqa: E402
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -66,9 +65,10 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A saved tiny base model + tokenizer, and train/eval jsonl files of Shakespeare."""
+    from transformers import LlamaForCausalLM
+
     from ds_aslora.train.assets import shakespeare_paths, text_rows
     from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
-    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("job")
     base = str(root / "base")

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from ds_aslora.ranks import free_port, remove_shm_buffers
+from ds_aslora.utils.ranks import free_port, remove_shm_buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")

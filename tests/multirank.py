@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from ds_aslora.ranks import free_port, remove_shm_buffers
+from ds_aslora.utils.ranks import free_port, remove_shm_buffers
 
 
 def _worker(rank, fn, world_size, port, out_dir, args):
@@ -72,7 +72,7 @@ def train_steps(engine, steps, global_batch, micro, *, bank=None, merger=None, o
     [accumulation micro-step, rank, row]). Returns the global mean loss of each step."""
     import deepspeed.comm as dist
 
-    from ds_aslora.step import micro_step
+    from ds_aslora.runtime.step import micro_step
 
     rank, world, ga = dist.get_rank(), dist.get_world_size(), engine.gradient_accumulation_steps()
     losses = []

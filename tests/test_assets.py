@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from ds_aslora.train import assets
-from ds_aslora.train.assets import (MARKER, MODEL_NAME, cache_root, default_model_dir, ensure_built,
-                                    shakespeare_paths, text_rows, write_text_dataset)
+from ds_aslora.train.assets import (
+    MARKER,
+    MODEL_NAME,
+    cache_root,
+    default_model_dir,
+    ensure_built,
+    shakespeare_paths,
+    text_rows,
+    write_text_dataset,
+)
 
 
 def read(path: str) -> str:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from launcher import FP16_ON_CPU, ROOT, launch
 
 TRAIN_PY = os.path.join(ROOT, "launch", "train.py")
@@ -193,8 +192,9 @@ def test_too_long_sequences_are_truncated_with_a_count_the_user_sees(assets, tmp
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_base_model_is_refused_before_anything_is_written(assets, existing_run, tmp_path):
-    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
     from transformers import LlamaForCausalLM
+
+    from ds_aslora.train.model_setup import byte_tokenizer, tiny_config
 
     other = tmp_path / "other"
     config = tiny_config()

@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 import torch
-
-from multirank import run_ranks
 from conftest import LOSS_RTOL, adam_atol
+from multirank import run_ranks
 from test_merge_coordinator import LR, STEPS, adapted, ds_config, full_state, train
 
 SAVE_AT = 5  # one step after the first merge event (step 4); some cases save at the event itself
@@ -20,9 +19,9 @@ SAVE_AT = 5  # one step after the first merge event (step 4); some cases save at
 def job(rank, stage, ga, ckpt_dir, phase, save_at=SAVE_AT):
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import load_checkpoint, save_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     world = dist.get_world_size()
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, world, ga))
@@ -66,9 +65,9 @@ def refuse(rank, ckpt_dirs, stage, save_again=False):
     load it and save under the same tag. Returns the error every rank raised."""
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, dist.get_world_size()))
     merger = MergeCoordinator(engine)
@@ -84,9 +83,9 @@ def crash_while_saving(rank, ckpt_dir):
     rank 0 wrote the model states, before the ZeRO optimizer partitions are complete."""
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import load_checkpoint, save_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(2, dist.get_world_size()))
     merger = MergeCoordinator(engine)
@@ -130,9 +129,9 @@ def resume_save_again(rank, ckpt_dir):
     """Resume from ``latest`` after a crash tore the next save, train, save that step again."""
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import load_checkpoint, save_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(2, dist.get_world_size()))
     merger = MergeCoordinator(engine)
@@ -160,9 +159,9 @@ def refuse_or_load(rank, ckpt_dir, with_bank, with_merger, extra_config=None, sa
     """Load (or with ``save``, save) without the bank or merger; returns the error or None."""
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     engine, bank = initialize(adapted("raw-adjacent"), {**ds_config(2, dist.get_world_size()), **(extra_config or {})})
     merger = MergeCoordinator(engine)
@@ -194,9 +193,9 @@ def resume_reads(rank, stage, ckpt_dir):
     """Load ``ckpt_dir`` and return the running-mean files this rank opened."""
     import deepspeed.comm as dist
 
-    from ds_aslora.checkpoint import load_checkpoint
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import load_checkpoint
+    from ds_aslora.runtime.engine import initialize
 
     opened, load = [], torch.load
 
@@ -253,7 +252,8 @@ def test_a_checkpoint_of_another_base_model_is_named_in_one_line(tmp_path):
     import json
 
     from conftest import tiny_model
-    from ds_aslora.checkpoint import META_FILE, check_resumable, model_identity
+
+    from ds_aslora.runtime.checkpoint import META_FILE, check_resumable, model_identity
 
     os.makedirs(tmp_path / "global_step1")
     meta = {"world_size": 1, "zero_stage": 0, "adapter": {}, "model": model_identity(tiny_model(), name="/models/a")}

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from ds_aslora import AdapterConfig, count_after_merges, count_trainable
-from ds_aslora.count import build_on_meta, main
+from ds_aslora.adapters.count import build_on_meta, main
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "assets", "configs")
 QV, ALL7 = ["q_proj", "v_proj"], "all-linear"

@@ -15,8 +15,16 @@ from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.models.bert_generation import BertGenerationTokenizer
 
 from ds_aslora.train import data as D
-from ds_aslora.train.data import (IGNORE_INDEX, EvalBatches, GlobalBatches, collate, detect_format,
-                                  ensure_pad_token, load_data, pack, prepare_data, tokenize)
+from ds_aslora.train.batches import EvalBatches, GlobalBatches, collate
+from ds_aslora.train.data import (
+    IGNORE_INDEX,
+    detect_format,
+    ensure_pad_token,
+    load_data,
+    pack,
+    prepare_data,
+    tokenize,
+)
 from ds_aslora.train.run_config import DataConfig
 
 datasets.disable_progress_bars()

@@ -3,11 +3,11 @@ import glob
 import os
 
 import pytest
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.ds_config import auto_paths, auto_values, fill_auto, load_ds_config
 from multirank import run_ranks
+
+from ds_aslora import AdapterConfig, inject_adapters
+from ds_aslora.runtime.ds_config import auto_paths, auto_values, fill_auto, load_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
@@ -43,7 +43,7 @@ def test_unfillable_auto_and_bad_files_are_clear_errors(tmp_path):
 def shipped_worker(rank, path):
     import deepspeed.comm as dist
 
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     config = fill_auto(load_ds_config(path), cpu_run_values(dist.get_world_size()))
     # CPU test machine: torch's AdamW instead of the JIT-built fused / CPU Adam kernels.

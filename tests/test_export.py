@@ -3,12 +3,19 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_adapters, tiny_model, tokens
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import randomize_adapters, tiny_model, tokens
-from ds_aslora import (AdapterConfig, LocalMerger, count_trainable, export_compact, export_peft, inject_adapters,
-                       load_compact)
+from ds_aslora import (
+    AdapterConfig,
+    LocalMerger,
+    count_trainable,
+    export_compact,
+    export_peft,
+    inject_adapters,
+    load_compact,
+)
 
 CASES = [
     dict(method="lora", target_modules=["q_proj", "v_proj"]),
@@ -77,12 +84,12 @@ def engine_export_worker(rank, stage, out_dir):
     """bf16 training on ``stage``, then a collective export; returns this rank's fp32 masters
     and how many files it wrote."""
     import deepspeed.comm as dist
-
-    import ds_aslora.export as export
-    from ds_aslora.distributed import initialize
-    from ds_aslora.step import micro_step
-    from ds_aslora.zero_state import gather_fp32
     from test_zero_parity import ds_config
+
+    import ds_aslora.export.adapter as export
+    from ds_aslora.merging.zero_state import gather_fp32
+    from ds_aslora.runtime.engine import initialize
+    from ds_aslora.runtime.step import micro_step
 
     config = {**ds_config(stage, 1, dist.get_world_size()), "bf16": {"enabled": True}}
     model = inject_adapters(tiny_model(), AdapterConfig(method="aslora", r=4, target_modules=["q_proj", "v_proj"]))

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import tiny_model, tokens
 from torch import nn
 
-from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, adapter_layers, count_trainable, inject_adapters
-from ds_aslora.layers import AdapterLinear
+from ds_aslora.adapters.layers import AdapterLinear
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

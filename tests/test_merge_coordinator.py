@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import adam_atol, tiny_model, tokens
-from ds_aslora import AdapterConfig, LocalMerger, count_trainable, inject_adapters
 from multirank import run_ranks, train_steps
 from test_zero_parity import ds_config as parity_config
+
+from ds_aslora import AdapterConfig, LocalMerger, count_trainable, inject_adapters
 
 STEPS, MICRO, LR = 8, 2, 1e-2
 SHAPE = dict(hidden_size=33, head_dim=8, num_attention_heads=3, num_key_value_heads=1)
@@ -104,8 +104,8 @@ def train(engine, bank, merger, world, steps, ga=1, on_event=None):
 def coordinated(rank, options, stage, ga, offload=False, shared_mode="replicated", clip=0.0):
     import deepspeed.comm as dist
 
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.engine import initialize
 
     world = dist.get_world_size()
     engine, bank = initialize(adapted(options), ds_config(stage, world, ga, offload, clip), shared_mode)
@@ -181,8 +181,8 @@ def test_merges_under_joint_gradient_clipping(stage):
 def disagreeing(rank, stage):
     import deepspeed.comm as dist
 
-    from ds_aslora.coordinator import MergeCoordinator, MergeDisagreement
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator, MergeDisagreement
+    from ds_aslora.runtime.engine import initialize
 
     world = dist.get_world_size()
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, world))
@@ -209,8 +209,8 @@ def bf16_merge(rank, stage):
     import deepspeed.comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.engine import initialize
 
     world = dist.get_world_size()
     config = {**ds_config(stage, world), "bf16": {"enabled": True}}
@@ -235,8 +235,8 @@ def test_bf16_working_copy_is_refreshed_after_a_merge(stage):
 
 
 def refused_engines(rank):
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.engine import initialize
 
     engine, _ = initialize(adapted("raw-adjacent").to(torch.bfloat16), {**ds_config(0, 1), "bf16": {"enabled": True}})
     with pytest.raises(ValueError, match="stage 1-3") as half:
@@ -255,8 +255,8 @@ def test_half_precision_stage0_and_other_methods_are_refused_before_training():
 
 
 def monitored(rank, out_dir):
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.engine import initialize
 
     config = {**ds_config(2, 1), "tensorboard": {"enabled": True, "output_path": out_dir, "job_name": "aslora"}}
     engine, bank = initialize(adapted("raw-adjacent"), config)
@@ -301,7 +301,7 @@ class SkippingEngine:
 
 
 def test_an_event_on_a_skipped_step_runs_at_the_next_applied_step():
-    from ds_aslora.coordinator import MergeCoordinator
+    from ds_aslora.merging.coordinator import MergeCoordinator
 
     engine = SkippingEngine(adapted("raw-adjacent"))
     merger = MergeCoordinator(engine)  # no process group: a world of one

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ds_aslora import AdapterConfig, MergePolicy
-from ds_aslora.merge_policy import blend, squared_distances, update_running_means
+from ds_aslora.merging.policy import blend, squared_distances, update_running_means
 
 
 def policy(n=6, **kw):

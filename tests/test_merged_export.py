@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
+from conftest import randomize_adapters, tiny_model, tokens
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import randomize_adapters, tiny_model, tokens
 from ds_aslora import AdapterConfig, LocalMerger, adapter_layers, export_compact, export_peft, inject_adapters
-from ds_aslora.merged_export import ExportError, merge_into_base, resolve_adapter, write_peft
+from ds_aslora.export.merged import ExportError, merge_into_base, resolve_adapter, write_peft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [
@@ -149,7 +149,7 @@ def test_dtype_cast_and_out_dir_safety(base_dir, tmp_path):
 
 
 def test_an_interrupted_merge_leaves_no_folder(base_dir, tmp_path, monkeypatch):
-    import ds_aslora.merged_export as me
+    import ds_aslora.export.merged as me
 
     export_compact(adapted(CASES[0]), str(tmp_path / "compact"))
     calls = []

@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, LocalMerger, count_after_merges, count_trainable, inject_adapters
-from ds_aslora.merger import layers_by_type
 from test_methods import folded_reference
+
+from ds_aslora import AdapterConfig, LocalMerger, count_after_merges, count_trainable, inject_adapters
+from ds_aslora.merging.merger import layers_by_type
 
 
 def train_until_event(merge_distance="raw", lam=0.75):

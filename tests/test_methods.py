@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import randomize_adapters, tiny_model, tokens
+
 from ds_aslora import AdapterConfig, adapter_layers, inject_adapters
 
 CASES = [

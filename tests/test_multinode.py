@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-
 from launcher import COMMON, ROOT, launch
-from ds_aslora.ranks import free_port, remove_shm_buffers
+
+from ds_aslora.utils.ranks import free_port, remove_shm_buffers
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 

@@ -3,9 +3,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model, tokens
 from peft import LoraConfig, get_peft_model
 
-from conftest import tiny_model, tokens
 from ds_aslora import AdapterConfig, adapter_layers, count_trainable, inject_adapters
 
 

@@ -13,11 +13,17 @@ import pytest
 import torch
 
 from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.count import build_on_meta
-from ds_aslora.inject import find_bank
-from ds_aslora.memory import (TrainSetup, activation_bytes, deepspeed_estimator_checks, inventory, memory_plan,
-                              schedule_merges, trainable_counts, zero3_resident_adapter_bytes,
-                              zero3_resident_adapter_numel)
+from ds_aslora.adapters.count import build_on_meta
+from ds_aslora.adapters.inject import find_bank
+from ds_aslora.planning.activations import activation_bytes
+from ds_aslora.planning.inventory import inventory, zero3_resident_adapter_bytes, zero3_resident_adapter_numel
+from ds_aslora.planning.memory import (
+    TrainSetup,
+    deepspeed_estimator_checks,
+    memory_plan,
+    schedule_merges,
+    trainable_counts,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "tests", "assets", "configs")

@@ -3,11 +3,11 @@ per-layer adapters train as a bf16 working copy with an fp32 master, the replica
 fp32, and under ZeRO-3 only ASLoRA's B (which ties read) stays resident."""
 import pytest
 import torch
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
 from multirank import run_ranks
 from test_zero_parity import ds_config
+
+from ds_aslora import AdapterConfig, inject_adapters
 
 METHODS = {"lora": dict(method="lora"), "shareA": dict(method="sharelora", share="A"),
            "aslora": dict(method="aslora", merge_start=1, merge_interval=1, merge_count=1)}
@@ -24,12 +24,12 @@ def bf16_config(stage, world, **zero):
 def policy_worker(rank, path, stage):
     import deepspeed.comm as dist
 
-    from ds_aslora.coordinator import MergeCoordinator
-    from ds_aslora.distributed import initialize
-    from ds_aslora.inject import adapter_layers
-    from ds_aslora.model import load_base_model
-    from ds_aslora.step import micro_step
-    from ds_aslora.zero_state import gather_fp32
+    from ds_aslora.adapters.inject import adapter_layers
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.merging.zero_state import gather_fp32
+    from ds_aslora.runtime.base_model import load_base_model
+    from ds_aslora.runtime.engine import initialize
+    from ds_aslora.runtime.step import micro_step
 
     out = {}
     for name, options in METHODS.items():
@@ -71,8 +71,8 @@ def test_bf16_adapters_train_as_bf16_working_copy_with_fp32_master_and_resident_
 def capped_worker(rank, path):
     import deepspeed.comm as dist
 
-    from ds_aslora.distributed import initialize
-    from ds_aslora.model import load_base_model
+    from ds_aslora.runtime.base_model import load_base_model
+    from ds_aslora.runtime.engine import initialize
 
     config = bf16_config(3, dist.get_world_size(), stage3_model_persistence_threshold=64)
     model, keep_alive = load_base_model(path, config, dtype=torch.bfloat16)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ds_aslora import AdapterConfig
-from ds_aslora.count import build_on_meta, count_trainable
+from ds_aslora.adapters.count import build_on_meta, count_trainable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, "tests", "assets", "configs", "smollm2-135m.json")

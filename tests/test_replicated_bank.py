@@ -3,21 +3,21 @@ the ranks were seeded, unscaled under fp16, with the configured optimizer, and n
 step with the engine's accumulation boundary."""
 import pytest
 import torch
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.bank import SharedBank
-from ds_aslora.bank_optim import Lion, bank_optimizer
-from ds_aslora.replicated_bank import ReplicatedBank
 from multirank import run_ranks
 from test_zero_parity import ds_config
+
+from ds_aslora import AdapterConfig, inject_adapters
+from ds_aslora.adapters.bank import SharedBank
+from ds_aslora.runtime.bank_optim import Lion, bank_optimizer
+from ds_aslora.runtime.replicated_bank import ReplicatedBank
 
 
 def seeded_per_rank(rank, stage):
     """Like accelerate's device-specific seeding: adapters drawn from ``seed + rank``."""
     import deepspeed.comm as dist
 
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     model = tiny_model(seed=0)
     torch.manual_seed(1000 + rank)
@@ -168,7 +168,7 @@ def test_step_without_reduce_at_the_boundary_is_an_error():
 
 
 def test_unmanaged_gradient_accumulation_is_refused():
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     model = inject_adapters(tiny_model(), AdapterConfig(method="sharelora", r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="managed_gradient_accumulation=false is not supported"):

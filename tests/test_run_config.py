@@ -9,9 +9,9 @@ import os
 import pytest
 
 from ds_aslora import AdapterConfig
-from ds_aslora.ds_config import auto_paths, load_ds_config
-from ds_aslora.train.run_config import (FIELDS, SECTIONS, ConfigError, Derived, RunConfig, deepspeed_config, derive,
-                                        lr_at, parse_run_config, save_resolved)
+from ds_aslora.runtime.ds_config import auto_paths, load_ds_config
+from ds_aslora.train.resolved import Derived, deepspeed_config, derive, lr_at, save_resolved
+from ds_aslora.train.run_config import FIELDS, SECTIONS, ConfigError, RunConfig, parse_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3.json")
@@ -210,7 +210,7 @@ def test_shipped_config_is_filled_and_a_scheduler_replaced(caplog):
     # the shipped configs have no scheduler (the loop drives the lr); a user's WarmupCosineLR is replaced
     ds_json = {**load_ds_config(ZERO3), "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto"}}}
     d = derive(run, 4, ds_json, ds_path=ZERO3, on_gpu=True)
-    with caplog.at_level(logging.INFO, logger="ds_aslora.train.run_config"):
+    with caplog.at_level(logging.INFO, logger="ds_aslora.train.resolved"):
         filled = deepspeed_config(ds_json, d, "out/runs", ds_path=ZERO3, hidden_size=64)
     assert auto_paths(filled) == [] and "scheduler" not in filled and "scheduler" not in load_ds_config(ZERO3)
     assert "DeepSpeed scheduler WarmupCosineLR in" in caplog.text and "is replaced" in caplog.text

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from ds_aslora.merge_policy import squared_distances
-from ds_aslora.sharded_distance import FlatSlice, combine, gram_factor, local_terms
+from ds_aslora.merging.policy import squared_distances
+from ds_aslora.merging.sharded_distance import FlatSlice, combine, gram_factor, local_terms
 
 
 def test_slices_follow_zero3_partitioning():

@@ -13,9 +13,16 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ds_aslora.merge_policy import Merge
-from ds_aslora.train.tensorboard_log import (MISSING_RGB, OUTLINE_RGB, RunLogger, colormap, layer_distances,
-                                             merges_markdown, render_heatmap)
+from ds_aslora.merging.policy import Merge
+from ds_aslora.train.tensorboard_log import (
+    MISSING_RGB,
+    OUTLINE_RGB,
+    RunLogger,
+    colormap,
+    layer_distances,
+    merges_markdown,
+    render_heatmap,
+)
 
 INF = float("inf")
 

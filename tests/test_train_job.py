@@ -6,17 +6,17 @@ ranks, a resume reproduces the uninterrupted run across a merge event, the expor
 the job's eval loss in peft and in transformers, and TensorBoard holds what was logged.
 """
 import glob
-import math
 import json
+import math
 import os
 import shutil
 import sys
 
 import pytest
 import torch
+from launcher import ROOT, launch
 from safetensors.torch import load_file
 
-from launcher import ROOT, launch
 METHODS = {"lora": ["--method", "lora"], "shareA": ["--method", "sharelora", "--share", "A"],
            "shareAB": ["--method", "sharelora", "--share", "AB"],  # no per-layer tensor: the bank in the engine
            "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--target_groups", "2"]}
@@ -81,9 +81,11 @@ def test_tensorboard_holds_the_scalars_texts_and_images(assets):
 
 def eval_loss(model, assets, micro=4):
     """The job's eval loss (summed token cross-entropy / target tokens over the eval set)."""
-    from ds_aslora.train.data import EvalBatches, prepare_data
-    from ds_aslora.train.run_config import DataConfig
     from transformers import AutoTokenizer
+
+    from ds_aslora.train.batches import EvalBatches
+    from ds_aslora.train.data import prepare_data
+    from ds_aslora.train.run_config import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(assets["base"])
     config = DataConfig(data=assets["train"], eval_data=assets["eval"], max_seq_length=64, packing=True)

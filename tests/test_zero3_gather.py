@@ -1,14 +1,14 @@
 """ZeRO-3's post-step re-gather of persistent parameters: one all-gather per dtype
-(ds_aslora.zero3_gather), bit-identical to DeepSpeed's one all-gather per parameter.
+(ds_aslora.runtime.zero3_gather), bit-identical to DeepSpeed's one all-gather per parameter.
 
 Shapes are odd on purpose (intermediate 45, r=3) so that partitions carry padding on 2 ranks.
 """
 import pytest
 import torch
-
 from conftest import randomize_adapters, tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
 from multirank import run_ranks, train_steps
+
+from ds_aslora import AdapterConfig, inject_adapters
 
 STEPS, MICRO, LR = 3, 2, 1e-2
 SHAPE = dict(hidden_size=40, intermediate_size=45, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -42,9 +42,9 @@ def train(method, precision, coalesced):
     import deepspeed.comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from ds_aslora.comm_audit import audit_collectives
-    from ds_aslora.distributed import initialize
-    from ds_aslora.zero3_gather import is_coalesced, restore_persistent_gather
+    from ds_aslora.runtime.comm_audit import audit_collectives
+    from ds_aslora.runtime.engine import initialize
+    from ds_aslora.runtime.zero3_gather import is_coalesced, restore_persistent_gather
 
     bf16, base_dtype = PRECISIONS[precision]
     model = inject_adapters(tiny_model(**SHAPE).to(base_dtype),
@@ -107,7 +107,7 @@ def test_a_single_rank_keeps_deepspeeds_path():
 
 
 def test_other_optimizers_are_left_alone():
-    from ds_aslora.zero3_gather import coalesce_persistent_gather
+    from ds_aslora.runtime.zero3_gather import coalesce_persistent_gather
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     assert coalesce_persistent_gather(opt) is False and "_post_step" not in vars(opt)
@@ -120,8 +120,8 @@ def overflow_worker(rank):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from ds_aslora.distributed import initialize
-    from ds_aslora.inject import adapter_layers
+    from ds_aslora.adapters.inject import adapter_layers
+    from ds_aslora.runtime.engine import initialize
 
     # DeepSpeed refuses fp16 on CPUs without native fp16 kernels; torch's portable ones compute it
     type(get_accelerator()).is_fp16_supported = lambda self: True

@@ -2,18 +2,18 @@
 model, and it computes what the whole model computes."""
 import pytest
 import torch
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
 from multirank import run_ranks
 from test_zero_parity import ds_config
+
+from ds_aslora import AdapterConfig, inject_adapters
 
 
 def load_worker(rank, path):
     import deepspeed.comm as dist
 
-    from ds_aslora.distributed import initialize
-    from ds_aslora.model import load_base_model
+    from ds_aslora.runtime.base_model import load_base_model
+    from ds_aslora.runtime.engine import initialize
 
     config = ds_config(3, 1, dist.get_world_size())
     model, keep_alive = load_base_model(path, config, dtype=torch.float32)
@@ -38,7 +38,7 @@ def test_partitioned_load_then_inject_gives_the_whole_models_logits(tmp_path):
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
-    from ds_aslora.model import load_base_model
+    from ds_aslora.runtime.base_model import load_base_model
 
     with pytest.raises(FileNotFoundError, match="no hub access"):
         load_base_model(str(tmp_path / "nope"), {})

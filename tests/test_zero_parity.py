@@ -6,10 +6,10 @@ a plain torch reference on the same global batch, for world sizes 1, 2 and 4.
 """
 import pytest
 import torch
-
 from conftest import LOSS_RTOL, adam_atol, tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
 from multirank import run_ranks, train_steps
+
+from ds_aslora import AdapterConfig, inject_adapters
 
 STEPS, MICRO, LR = 3, 2, 1e-2
 METHODS = {
@@ -60,7 +60,7 @@ def ds_worker(rank, method, stage, ga, checkpointing, shared_mode="replicated"):
     import deepspeed.comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     world = dist.get_world_size()
     model = adapted(method)
@@ -114,14 +114,14 @@ def test_engine_mode_registers_shared_tensors_inside_deepspeed(method, stage):
 
 
 def test_replicated_mode_explains_what_to_do_without_per_layer_tensors():
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     with pytest.raises(ValueError, match="shared_mode='engine'"):
         initialize(adapted("shareAB"), ds_config(0, 1, 1))
 
 
 def test_reentrant_checkpointing_with_shared_tensors_is_refused():
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     model = adapted("shareA")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})

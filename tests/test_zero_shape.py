@@ -1,18 +1,18 @@
 """The distributed shape itself: one bank all-reduce per optimizer step, partitioned
 per-layer optimizer state, and ranks that fail fast."""
 import pytest
-
 from conftest import tiny_model, tokens
-from ds_aslora import AdapterConfig, inject_adapters
 from multirank import run_ranks
 from test_zero_parity import ds_config
+
+from ds_aslora import AdapterConfig, inject_adapters
 
 
 def audit_worker(rank, layers, ga, stage):
     import deepspeed.comm as dist
 
-    from ds_aslora.comm_audit import audit_collectives
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.comm_audit import audit_collectives
+    from ds_aslora.runtime.engine import initialize
 
     model = inject_adapters(tiny_model(num_hidden_layers=layers), AdapterConfig(method="aslora", r=4))
     engine, bank = initialize(model, ds_config(stage, ga, dist.get_world_size()))
@@ -38,7 +38,7 @@ def test_bank_costs_one_all_reduce_per_step_whatever_the_depth_and_accumulation(
 def partition_worker(rank, stage):
     import deepspeed.comm as dist
 
-    from ds_aslora.distributed import initialize
+    from ds_aslora.runtime.engine import initialize
 
     model = inject_adapters(tiny_model(num_hidden_layers=4), AdapterConfig(method="aslora", r=4))
     per_layer = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(

@@ -1,1 +1,9 @@
-"""The training job (``launch/train.py``): run configuration, data, and the loop's parts."""
+"""The fine-tuning job (``launch/train.py``): run configuration, data, the loop, logging, assets.
+
+``run_config`` (the flags and YAML keys), ``resolved`` (the run settled against the DeepSpeed JSON
+and the world size), ``data`` and ``batches`` (tokenised rows, global batches), ``model_setup``,
+``loop``, ``tensorboard_log``, ``assets`` (the embedded default model and text) and ``job`` (the
+whole run, start to end). The top room: nothing in ``ds_aslora`` imports it.
+
+May import: every other room.
+"""

@@ -21,7 +21,7 @@ import socket
 import tempfile
 from typing import Callable, Iterator
 
-from ..atomic import atomic_write, fsync_path
+from ..utils.atomic import atomic_write, fsync_path
 
 logger = logging.getLogger(__name__)
 

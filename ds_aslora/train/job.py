@@ -18,22 +18,35 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (LATEST, CheckpointError, check_resumable, check_same_model, load_checkpoint,
-                          model_identity, save_checkpoint)
-from ..coordinator import MergeCoordinator
-from ..count import count_trainable
-from ..distributed import initialize
-from ..ds_config import load_ds_config
-from ..export import export_engine
-from ..inject import inject_adapters
-from ..atomic import write_text
-from ..ranks import free_port, raise_together, rank_and_world, remove_shm_buffers
+from ..adapters.count import count_trainable
+from ..adapters.inject import inject_adapters
+from ..export.adapter import export_engine
+from ..merging.coordinator import MergeCoordinator
+from ..runtime.checkpoint import (
+    LATEST,
+    CheckpointError,
+    check_resumable,
+    check_same_model,
+    load_checkpoint,
+    model_identity,
+    save_checkpoint,
+)
+from ..runtime.ds_config import load_ds_config
+from ..runtime.engine import initialize
+from ..utils.atomic import write_text
+from ..utils.ranks import free_port, raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import prepare_data
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
-from .model_setup import (TINY, check_model_folder, enable_activation_checkpointing, load_model_and_tokenizer,
-                          resolve_model_path)
-from .run_config import ConfigError, RunConfig, derive, deepspeed_config, lr_at, parse_run_config, save_resolved
+from .model_setup import (
+    TINY,
+    check_model_folder,
+    enable_activation_checkpointing,
+    load_model_and_tokenizer,
+    resolve_model_path,
+)
+from .resolved import deepspeed_config, derive, lr_at, save_resolved
+from .run_config import ConfigError, RunConfig, parse_run_config
 from .tensorboard_log import RunLogger
 
 CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"

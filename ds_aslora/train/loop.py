@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..coordinator import MergeCoordinator
-from ..count import count_trainable
-from ..ranks import rank_and_world
-from ..replicated_bank import ReplicatedBank
-from ..step import micro_step
-from .data import EvalBatches, GlobalBatches
-from .run_config import Derived
+from ..adapters.count import count_trainable
+from ..merging.coordinator import MergeCoordinator
+from ..runtime.replicated_bank import ReplicatedBank
+from ..runtime.step import micro_step
+from ..utils.ranks import rank_and_world
+from .batches import EvalBatches, GlobalBatches
+from .resolved import Derived
 from .tensorboard_log import RunLogger
 
 

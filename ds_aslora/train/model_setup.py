@@ -1,7 +1,7 @@
 """The base model and its tokenizer, as the job loads them: a local folder, the embedded
 default (SmolLM2-135M-Instruct, converted once into the cache) or ``tiny`` (a small random
 Llama with a byte-level tokenizer, for smoke tests). Under ZeRO-3 the model is partitioned
-while it loads (``ds_aslora.model.load_base_model``)."""
+while it loads (``ds_aslora.runtime.base_model.load_base_model``)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..model import load_base_model
+from ..runtime.base_model import load_base_model
 
 TINY = "tiny"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

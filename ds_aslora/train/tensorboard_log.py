@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..merge_policy import Merge
+    from ..merging.policy import Merge
 
 MERGES_TAG = "aslora/merges"
 DISTANCE_TAG = "aslora/distance/"
@@ -64,7 +64,7 @@ def _as_float_array(matrix: Any) -> np.ndarray:
 def layer_distances(sq_distances: Any, groups: Sequence[Sequence[int]], num_layers: int) -> np.ndarray:
     """(L, L) float64: entry (a, b) is ``sqrt(D[group(a), group(b)])``, NaN where ``D`` is inf / NaN
     or a layer is in no group. ``sq_distances`` holds *squared* Frobenius distances between the
-    live groups' running means (``merge_policy.squared_distances``), rows in ``groups`` order."""
+    live groups' running means (``merging.policy.squared_distances``), rows in ``groups`` order."""
     dist = _as_float_array(sq_distances)
     n = len(groups)
     if dist.shape != (n, n):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .config import AdapterConfig
+from ..adapters.config import AdapterConfig
 
 
 @dataclass(frozen=True)

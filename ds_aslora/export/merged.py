@@ -28,12 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import fsync_path
-from .config import AdapterConfig
-from .count import build_on_meta
-from .export import COMPACT_FORMAT, CONFIG, WEIGHTS, compact_state_dict, export_peft
-from .inject import adapter_layers
-from .layers import AdapterLinear
+from ..adapters.config import AdapterConfig
+from ..adapters.count import build_on_meta
+from ..adapters.inject import adapter_layers
+from ..adapters.layers import AdapterLinear
+from ..utils.atomic import fsync_path
+from .adapter import COMPACT_FORMAT, CONFIG, WEIGHTS, compact_state_dict, export_peft
 
 log = logging.getLogger(__name__)
 

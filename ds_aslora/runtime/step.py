@@ -5,9 +5,9 @@ from typing import Any, Optional
 
 import torch
 
-from .coordinator import MergeCoordinator
+from ..merging.coordinator import MergeCoordinator
+from ..merging.policy import Merge
 from .replicated_bank import ReplicatedBank
-from .merge_policy import Merge
 
 
 def micro_step(engine: Any, batch: dict, bank: Optional[ReplicatedBank] = None,

@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import log_dist
 
-from .atomic import atomic_write, write_text
-from .coordinator import MergeCoordinator
-from .inject import adapter_config
-from .ranks import raise_together, rank_and_world
+from ..adapters.inject import adapter_config
+from ..export.adapter import export_engine
+from ..merging.coordinator import MergeCoordinator
+from ..utils.atomic import atomic_write, write_text
+from ..utils.ranks import raise_together, rank_and_world
 from .replicated_bank import ReplicatedBank
 
 MEANS_FILE = "merge_means_rank{rank:05d}.pt"
@@ -149,8 +150,6 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     rng = rng_state()
     atomic_write(os.path.join(folder, RNG_FILE.format(rank=rank)), lambda tmp: torch.save(rng, tmp))
     if export_adapter:
-        from .export import export_engine
-
         export_engine(engine, compact_dir=os.path.join(folder, ADAPTER_DIR))
     if bank is not None:
         state["shared_bank"] = bank.state_dict()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import logger
 
-from .bank import SharedBank
+from ..adapters.bank import SharedBank
 
 
 def loss_scale(engine: Any) -> float:
@@ -97,7 +97,7 @@ class ReplicatedBank:
         if boundary and self._boundary_lr is None:
             raise RuntimeError("the engine finished an optimizer step but bank.reduce() did not run at its "
                                "accumulation boundary: call engine.backward(loss); bank.reduce(); engine.step(); "
-                               "bank.step() in this order (ds_aslora.step.micro_step does)")
+                               "bank.step() in this order (ds_aslora.runtime.step.micro_step does)")
         if not boundary:
             return
         lr, self._boundary_lr = self._boundary_lr, None

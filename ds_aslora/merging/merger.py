@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .inject import adapter_config, adapter_layers, module_type
-from .layers import AdapterLinear
-from .merge_policy import Merge, MergePolicy, blend, squared_distances, update_running_means
+from ..adapters.inject import adapter_config, adapter_layers, module_type
+from ..adapters.layers import AdapterLinear
+from .policy import Merge, MergePolicy, blend, squared_distances, update_running_means
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 

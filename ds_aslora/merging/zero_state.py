@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .merge_policy import blend
 from .merger import ADAM_MOMENTS, blend_torch_state
+from .policy import blend
 from .sharded_distance import FlatSlice
 
 
@@ -51,8 +51,12 @@ class FragmentState(WorkingCopySlices):
 
     @torch.no_grad()
     def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         value = blend(safe_get_full_fp32_param(upper), safe_get_full_fp32_param(lower), lam)
         safe_set_full_fp32_param(upper, value)  # writes only this rank's fragment
@@ -95,9 +99,13 @@ class Zero3State:
     @torch.no_grad()
     def merge(self, upper: torch.Tensor, lower: torch.Tensor, lam: float) -> None:
         import deepspeed
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
-                                     safe_get_local_optimizer_state, safe_set_local_fp32_param,
-                                     safe_set_local_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_local_fp32_param,
+            safe_get_local_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
 
         safe_set_local_fp32_param(upper, blend(safe_get_local_fp32_param(upper), safe_get_local_fp32_param(lower), lam))
         for key in ADAM_MOMENTS:

@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import log_dist
 
-from .count import count_trainable
-from .inject import adapter_config
-from .merge_policy import Merge, MergePolicy, update_running_means
+from ..adapters.count import count_trainable
+from ..adapters.inject import adapter_config
+from ..utils.ranks import rank_and_world
 from .merger import apply_ties, fold_group, layers_by_type
-from .ranks import rank_and_world
+from .policy import Merge, MergePolicy, update_running_means
 from .sharded_distance import FlatSlice, combine, gram_factor, local_terms
 from .zero_state import state_access
 

@@ -25,9 +25,9 @@ import torch
 from deepspeed.utils import log_dist
 from torch import nn
 
-from .bank import SharedBank
+from ..adapters.bank import SharedBank
+from ..adapters.inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
 from .bank_optim import bank_optimizer
-from .inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
 from .replicated_bank import ReplicatedBank
 from .zero3_gather import coalesce_persistent_gather, keep_persistent_resident
 

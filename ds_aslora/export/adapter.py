@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_write
-from .config import AdapterConfig
-from .ranks import raise_together, rank_and_world
-from .inject import BANK_NAME, adapter_config, adapter_layers, find_bank, inject_adapters, module_type
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import BANK_NAME, adapter_config, adapter_layers, find_bank, inject_adapters, module_type
+from ..merging.zero_state import gather_fp32
+from ..utils.atomic import atomic_write
+from ..utils.ranks import raise_together, rank_and_world
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -107,8 +108,6 @@ def export_engine(engine: Any, *, peft_dir: Optional[str] = None, compact_dir: O
     masters (not the bf16 working copy; under ZeRO-3 not the empty partitions), gathered one
     tensor at a time so no device ever holds the whole adapter set; they collect in rank 0's
     host memory and rank 0 alone writes."""
-    from .zero_state import gather_fp32
-
     rank = rank_and_world()[0]
     model = engine.module
     params = [p for _, layer in adapter_layers(model) for p in (layer.lora_A, layer.lora_B) if p is not None]

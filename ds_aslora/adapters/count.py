@@ -1,6 +1,6 @@
 """Exact trainable-parameter accounting, and a CLI that needs no weights.
 
-    python -m ds_aslora.count --model-config path/to/config.json --method sharelora \
+    python -m ds_aslora.adapters.count --model-config path/to/config.json --method sharelora \
         --share A --r 64 --targets all-linear
 
 builds the model on the meta device (no memory, no download), injects LoRA and the chosen
@@ -56,7 +56,7 @@ def build_on_meta(model_config: str, cfg: AdapterConfig) -> nn.Module:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ds_aslora.count", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ds_aslora.adapters.count", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-config", required=True, help="config.json of a HF causal LM (file or folder)")
     parser.add_argument("--method", default="lora", choices=["lora", "sharelora", "aslora"])

@@ -1,0 +1,8 @@
+"""Planning without weights: per-GPU memory of a run under ZeRO 0-3, from a model on the meta device.
+
+``inventory`` (every tensor of the adapted model and what ZeRO-3 keeps resident),
+``activations`` (saved activations per decoder layer) and ``memory`` (the plan, checked against
+DeepSpeed's own estimators). ``launch/plan.py`` prints it.
+
+May import: ``adapters``, ``utils``. Not ``runtime``, ``export`` or ``train``.
+"""
