@@ -38,8 +38,8 @@ from ds_aslora import AdapterConfig  # noqa: E402
 from ds_aslora.adapters.count import build_on_meta, count_after_merges, count_trainable  # noqa: E402
 from ds_aslora.export.adapter import load_compact  # noqa: E402
 from ds_aslora.train.assets import default_model_dir  # noqa: E402
-from ds_aslora.train.data import Renderer  # noqa: E402
 from ds_aslora.train.job import SUMMARY  # noqa: E402
+from ds_aslora.train.render import Renderer  # noqa: E402
 from ds_aslora.utils.ranks import free_port, remove_shm_buffers  # noqa: E402
 
 INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"

@@ -78,7 +78,7 @@ def assets(tmp_path_factory):
     train_txt, heldout_txt = shakespeare_paths()
     for name, path, chars in (("train", train_txt, 12000), ("eval", heldout_txt, 3000)):
         with open(path) as f:
-            rows = text_rows(f.read()[:chars], chars_per_row=200)
+            rows = text_rows(f.read()[:chars], chars_per_row=30)  # a line or two: ~30-60 tokens, packed 1-2 a block
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": row}) + "\n" for row in rows)
     return {"base": base, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "root": root}

@@ -21,10 +21,10 @@ from ds_aslora.train.data import (
     detect_format,
     ensure_pad_token,
     load_data,
-    pack,
     prepare_data,
     tokenize,
 )
+from ds_aslora.train.render import Renderer
 from ds_aslora.train.run_config import DataConfig
 
 datasets.disable_progress_bars()
@@ -131,7 +131,8 @@ def test_unknown_columns_list_what_was_found_and_what_is_accepted(tmp_path):
         detect_format(dataset.column_names, source="unknown_columns.jsonl")
     assert str(err.value) == (
         "unknown_columns.jsonl: no known columns, found ['answer', 'question']; accepted: chat: messages or "
-        "conversations; alpaca: instruction+output; text: text (alpaca: input optional)")
+        "conversations; alpaca: instruction+output; prompt_completion: prompt+completion; text: text (alpaca: input "
+        "optional)")
     with pytest.raises(ValueError, match=r"format 'chat' needs columns messages or conversations; found \['text'\]"):
         detect_format(["text"], "chat", "x")
     assert detect_format(["text", "messages"]) == "chat"  # precedence: chat, alpaca, text
@@ -278,8 +279,8 @@ def test_rows_without_targets_are_dropped_and_none_left_is_an_error():
 def test_a_second_tokenize_reads_the_cache(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     calls = []
-    real = D.Renderer.__call__
-    monkeypatch.setattr(D.Renderer, "__call__", lambda *a: calls.append(1) or real(*a))
+    real = Renderer.batch
+    monkeypatch.setattr(Renderer, "batch", lambda self, rows, idx: calls.extend(idx) or real(self, rows, idx))
     first, _ = tokenize(load_data(asset("alpaca.jsonl"), cache), word_tokenizer(), "auto", 64, cache_dir=cache)
     assert len(calls) == 3
     # A restart: the file loaded again, a new tokenizer object built the same way.
@@ -291,16 +292,13 @@ def test_a_second_tokenize_reads_the_cache(tmp_path, monkeypatch):
     assert len(calls) == 9  # another setting, another tokenizer: tokenised again
 
 
-def test_packing_concatenates_and_cuts_blocks(tmp_path):
-    rows = datasets.Dataset.from_dict({"input_ids": [[1, 10, 11, 2], [1, 12, 2]],
-                                       "labels": [[X, 10, 11, 2], [X, 12, 2]],
-                                       "length": [4, 3], "n_targets": [3, 2]})
-    packed = pack(rows, 3, cache_dir=str(tmp_path))
-    assert packed["input_ids"][:] == [[1, 10, 11], [2, 1, 12], [2]]
-    assert packed["labels"][:] == [[X, 10, 11], [2, X, 12], [2]]
-    # targets after the causal shift: a block's first label is never predicted
-    assert packed["n_targets"][:] == [2, 1, 0] and packed["length"][:] == [3, 3, 1]
-    assert pack(rows, 3, cache_dir=str(tmp_path)).cache_files == packed.cache_files
+def test_workers_give_the_rows_one_process_gives(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "ROWS_PER_WORKER", 2)  # 8 rows: two processes really start
+    rows = datasets.Dataset.from_list(load_data(asset("chat_openai.jsonl")).to_list() * 8)
+    tok = word_tokenizer(CHATML)
+    one, _ = tokenize(rows, tok, "chat", 64, num_proc=1)
+    two, _ = tokenize(rows, tok, "chat", 64, num_proc=2, cache_dir=str(tmp_path))
+    assert len(two.cache_files) == 2 and one[:] == two[:]
 
 
 def test_prepare_data_split_eval_file_and_packing(tmp_path):
@@ -310,16 +308,67 @@ def test_prepare_data_split_eval_file_and_packing(tmp_path):
     a = prepare_data(config, tok, seed=1, cache_dir=cache)
     b = prepare_data(config, tok, seed=1, cache_dir=cache)
     assert (len(a.train), len(a.eval), a.format) == (3, 1, "text") and a.eval[:] == b.eval[:]
-    assert a.stats["train"].truncated + a.stats["eval"].truncated == 2
+    assert (a.from_cache, b.from_cache, a.cache) == (False, True, b.cache)
+    assert a.stats["train"].truncated + a.stats["eval"].truncated == 2 and a.stats == b.stats
     separate = prepare_data(DataConfig(data=asset("alpaca.jsonl"), eval_data=asset("alpaca.csv")), tok, seed=1,
                             cache_dir=cache)
     assert separate.eval["input_ids"][:] == separate.train["input_ids"][:]  # the same rows as CSV
     packed = prepare_data(DataConfig(data=asset("text.jsonl"), packing=True, max_seq_length=8), tok, seed=1,
                           cache_dir=cache)
-    assert [len(r) for r in packed.train["input_ids"][:]] == [8, 8, 8, 8, 2]  # 34 tokens, none truncated
-    assert packed.stats["train"].truncated == 0
+    # 11, 5, 14 and 4 tokens: two cut to 8 (truncation), then whole samples in blocks of 8: 8 | 8 | 5 | 4
+    assert sorted(packed.train["sample_lengths"][:]) == [[4], [5], [8], [8]]
+    assert packed.stats["train"].truncated == 2
     with pytest.raises(ValueError, match="no training data"):
         prepare_data(DataConfig(), tok, seed=1, cache_dir=None)
+
+
+def test_the_prepared_cache_key_sees_every_option_and_the_file(tmp_path):
+    tok = word_tokenizer()
+    cache = str(tmp_path / "cache")
+    data = tmp_path / "text.jsonl"
+    data.write_text(open(asset("text.jsonl")).read())
+    base = DataConfig(data=str(data), max_seq_length=8)
+    first = prepare_data(base, tok, seed=1, cache_dir=cache)
+    workers = DataConfig(data=str(data), max_seq_length=8, preprocessing_num_workers=3)
+    assert prepare_data(workers, tok, seed=1, cache_dir=cache).from_cache  # the workers change nothing
+    for other in (DataConfig(data=str(data), max_seq_length=9), DataConfig(data=str(data), max_seq_length=8,
+                                                                           packing=True)):
+        assert not prepare_data(other, tok, seed=1, cache_dir=cache).from_cache
+    assert not prepare_data(base, word_tokenizer(CHATML), seed=1, cache_dir=cache).from_cache
+    data.write_text(open(asset("text.jsonl")).read() + '{"text": "a short line"}\n')  # new content
+    again = prepare_data(base, tok, seed=1, cache_dir=cache)
+    assert not again.from_cache and len(again.train) == len(first.train) + 1
+
+
+def test_a_jsonl_file_is_checked_once_per_content(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    checked = []
+    real = D._check_json_lines
+    monkeypatch.setattr(D, "_check_json_lines", lambda path: checked.append(path) or real(path))
+    data = tmp_path / "text.jsonl"
+    data.write_text(open(asset("text.jsonl")).read())
+    load_data(str(data), cache)
+    load_data(str(data), cache)
+    assert len(checked) == 1
+    data.write_text(open(asset("malformed.jsonl")).read())
+    with pytest.raises(ValueError, match=r"line \d+: malformed JSON"):  # new content: checked again
+        load_data(str(data), cache)
+
+
+def test_several_files_and_prompt_completion(tmp_path):
+    tok = word_tokenizer()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.parquet"
+    a.write_text('{"prompt": "say hello", "completion": "hello there"}\n')
+    datasets.Dataset.from_list([{"prompt": "name the animal", "completion": "the dog", "extra": 1}]).to_parquet(str(b))
+    data = prepare_data(DataConfig(data=f"{a},{b}"), tok, seed=1, cache_dir=None)
+    assert data.format == "prompt_completion" and len(data.train) == 2
+    row = data.train[0]
+    assert row["input_ids"] == ids(tok, "<s> say hello hello there </s>")
+    assert row["labels"] == [X, X, X] + ids(tok, "hello there </s>")
+    c = tmp_path / "c.jsonl"
+    c.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match=r"the files have different formats \(prompt_completion, text\)"):
+        prepare_data(DataConfig(data=f"{a},{c}"), tok, seed=1, cache_dir=None)
 
 
 # ---------------------------------------------------------------------------------------- batches

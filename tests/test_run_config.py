@@ -187,8 +187,23 @@ def test_run_config_and_deepspeed_json_setting_different_values_is_an_error(argv
 def test_max_steps_must_come_from_somewhere():
     with pytest.raises(ConfigError) as err:
         derive(parse(), 1, load_ds_config(ZERO3), ds_path="ds_configs/zero3.json", on_gpu=False)
-    assert message(err) == ("max_steps is not set: pass --max_steps N (or set scheduler.params.total_num_steps in "
-                            "ds_configs/zero3.json)")
+    assert message(err) == ("max_steps is not set: pass --max_steps N or --num_train_epochs E (or set "
+                            "scheduler.params.total_num_steps in ds_configs/zero3.json)")
+
+
+def test_num_train_epochs_derives_the_steps_from_the_training_set():
+    ds = load_ds_config(ZERO3)
+    run = parse("--num_train_epochs", "2.5", "--micro_batch_size", "2", "--gradient_accumulation_steps", "3")
+    d = derive(run, 2, ds, ds_path="ds_configs/zero3.json", on_gpu=False, train_sequences=100)
+    assert (d.global_batch_size, d.max_steps) == (12, 21)  # ceil(2.5 x 100 / 12) = ceil(20.83)
+    assert d.warmup_steps == 1  # the default warmup ratio, of the derived steps
+    with pytest.raises(ConfigError, match="set max_steps or num_train_epochs, not both"):
+        parse("--num_train_epochs", "1", "--max_steps", "5")
+    with pytest.raises(ConfigError) as err:
+        derive(run, 2, {**ds, "scheduler": {"type": "WarmupLR", "params": {"total_num_steps": 50}}},
+               ds_path="ds.json", on_gpu=False, train_sequences=100)
+    assert message(err) == ("num_train_epochs=2.5 (run config) contradicts scheduler.params.total_num_steps=50 in "
+                            "ds.json: set one of them")
 
 
 def test_dtype_auto_follows_an_explicit_deepspeed_setting_then_the_device():

@@ -83,7 +83,7 @@ def eval_loss(model, assets, micro=4):
     """The job's eval loss (summed token cross-entropy / target tokens over the eval set)."""
     from transformers import AutoTokenizer
 
-    from ds_aslora.train.batches import EvalBatches
+    from ds_aslora.train.batches import EvalBatches, model_inputs
     from ds_aslora.train.data import prepare_data
     from ds_aslora.train.run_config import DataConfig
 
@@ -94,7 +94,7 @@ def eval_loss(model, assets, micro=4):
     with torch.no_grad():
         for step in EvalBatches(data.eval, micro_batch_size=micro, world_size=1, rank=0, pad_id=tokenizer.pad_token_id):
             batch = step.micro_batches[0]
-            total += float(model(**batch, num_items_in_batch=torch.tensor(1.0)).loss)
+            total += float(model(**model_inputs(batch), num_items_in_batch=torch.tensor(1.0)).loss)
             count += int((batch["labels"][:, 1:] != -100).sum())
     return total / count
 
@@ -177,3 +177,25 @@ def test_resuming_an_older_checkpoint_by_path_continues_that_line(assets):
     assert (out / "checkpoints" / "latest").read_text() == "global_step8"
     assert os.path.isdir(out / "checkpoints" / "global_step8.set-aside.0")
     assert os.path.isfile(out / "checkpoints" / "global_step8" / "ds_aslora.json")
+
+
+@pytest.mark.slow
+def test_a_job_after_launch_prepare_reads_the_cache_and_tokenises_nothing(assets, tmp_path):
+    import subprocess
+
+    from launcher import COMMON
+
+    cache = ["--data_cache_dir", str(tmp_path / "prepared")]
+    data = ["--model", assets["base"], "--data", assets["train"], "--eval_data", assets["eval"], *COMMON, *cache]
+    prepare = [sys.executable, os.path.join(ROOT, "launch", "prepare.py"), *data]
+    first = subprocess.run(prepare, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0 and first.stdout.startswith("prepared "), first.stdout + first.stderr
+    second = subprocess.run(prepare, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0 and second.stdout.startswith("already prepared: "), second.stdout
+    done = launch(assets, tmp_path / "out", "--max_steps", "1", *cache)
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("data: ")]
+    assert line == f"data: read the prepared cache {second.stdout.split(': ', 1)[1].strip()} (nothing tokenised)"
+    missing = subprocess.run([*prepare, "--data", str(tmp_path / "none.jsonl")], capture_output=True, text=True,
+                             cwd=ROOT)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: data file {str(tmp_path / 'none.jsonl')!r} not found"]

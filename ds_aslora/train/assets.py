@@ -51,7 +51,11 @@ def shakespeare_paths() -> tuple[str, str]:
     return train, heldout
 
 
-def text_rows(text: str, chars_per_row: int = 2000) -> list[str]:
+# Rows of the embedded sample: about 200 SmolLM2 tokens, so that a row fits a 256-token block whole.
+ROW_CHARS = 800
+
+
+def text_rows(text: str, chars_per_row: int = ROW_CHARS) -> list[str]:
     """Whole lines grouped into rows of about ``chars_per_row`` characters (a row closes once it
     reaches that length; a longer line is a row of its own). ``"".join(rows) == text``."""
     if chars_per_row < 1:
@@ -68,7 +72,7 @@ def text_rows(text: str, chars_per_row: int = 2000) -> list[str]:
     return rows
 
 
-def write_text_dataset(txt_path: str, out_jsonl: str, chars_per_row: int = 2000) -> int:
+def write_text_dataset(txt_path: str, out_jsonl: str, chars_per_row: int = ROW_CHARS) -> int:
     """Write ``txt_path`` as JSON lines ``{"text": row}`` (rows from ``text_rows``), atomically, so
     ranks writing the same cache file never see a half-written one. Returns the number of rows."""
     with open(txt_path, encoding="utf-8") as f:

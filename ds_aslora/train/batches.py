@@ -11,7 +11,7 @@ ranks) a micro-batch passes ``sum_ce * accumulation * world / global_target_toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -21,7 +21,12 @@ from .data import IGNORE_INDEX, int_column
 
 
 def collate(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: ``input_ids`` with ``pad_id``, ``labels`` with -100, ``attention_mask`` 0."""
+    """Right-pad to the longest row: ``input_ids`` with ``pad_id``, ``labels`` with -100, ``attention_mask`` 0.
+
+    Packed rows (with ``sample_lengths``) also get ``position_ids`` that restart at every sample
+    (0 on padding, each pad token a sequence of its own): given them without an attention mask
+    (``model_inputs``), transformers attends within each sample only.
+    """
     width = max(len(ids) for ids in rows["input_ids"])
     shape = (len(rows["input_ids"]), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -31,7 +36,28 @@ def collate(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[st
         input_ids[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, :len(lab)] = torch.as_tensor(lab, dtype=torch.long)
         attention_mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "sample_lengths" in rows:
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for i, lengths in enumerate(rows["sample_lengths"]):
+            positions = [torch.arange(n) for n in lengths]
+            if positions:
+                position_ids[i, :sum(lengths)] = torch.cat(positions)
+        batch["position_ids"] = position_ids
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the model's forward takes: packed batches go without their attention mask, so that
+    transformers builds the per-sample (block-diagonal) causal mask from the position ids. No KV
+    cache: with one, transformers skips that mask (and a training forward never needs it)."""
+    inputs: dict[str, Any] = {k: v for k, v in batch.items()
+                              if not (k == "attention_mask" and "position_ids" in batch)}
+    return {**inputs, "use_cache": False}
+
+
+def _batch_columns(dataset: datasets.Dataset) -> list[str]:
+    return ["input_ids", "labels"] + (["sample_lengths"] if "sample_lengths" in dataset.column_names else [])
 
 
 @dataclass
@@ -61,7 +87,7 @@ class GlobalBatches:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if len(dataset) == 0:
             raise ValueError("no rows to train on")
-        self.rows = dataset.select_columns(["input_ids", "labels"])
+        self.rows = dataset.select_columns(_batch_columns(dataset))
         self.n_targets = int_column(dataset, "n_targets")
         self.micro, self.accum, self.world, self.rank = micro_batch_size, gradient_accumulation_steps, world_size, rank
         self.global_size = micro_batch_size * gradient_accumulation_steps * world_size
@@ -114,7 +140,7 @@ class EvalBatches:
                  pad_id: int, max_batches: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.rows = dataset.select_columns(["input_ids", "labels"])
+        self.rows = dataset.select_columns(_batch_columns(dataset))
         self.n_targets = int_column(dataset, "n_targets")
         self.micro, self.world, self.rank, self.pad_id = micro_batch_size, world_size, rank, pad_id
         steps = -(-len(self.n_targets) // (micro_batch_size * world_size))

@@ -1,55 +1,45 @@
-"""Training data: local files -> token ids and labels -> (packed) rows; ``batches`` serves them.
+"""Training data: local files -> token ids and labels -> (packed) rows, prepared once and cached.
 
 Formats, detected from the columns (or forced): ``text`` (column ``text``: every token is a
 target), ``alpaca`` (``instruction``, optional ``input``, ``output``: rendered with the Alpaca
-prompt, loss on the output and EOS) and ``chat`` (``messages`` [{role, content}] as OpenAI, or
-ShareGPT ``conversations`` [{from, value}]: rendered with the tokenizer's chat template, or
-``FALLBACK_CHAT_TEMPLATE`` when it has none; loss on the assistant turns, including the
-template's end-of-turn text). ``train_on_prompt`` trains on every token instead. A sample's
-first token is never a target (nothing of the sample precedes it), so packed samples do not
-learn to predict one sample from the previous one.
+prompt, loss on the output and EOS), ``prompt_completion`` (TRL's ``prompt``, ``completion``:
+loss on the completion and EOS) and ``chat`` (``messages`` [{role, content}] as OpenAI, or
+ShareGPT ``conversations`` [{from, value}]: ``render``). ``train_on_prompt`` trains on every
+token instead. A sample's first token is never a target (nothing of the sample precedes it).
 
-Tokenised and packed datasets are cached by ``datasets`` under the caller's cache folder,
-named by a fingerprint of the data, the tokenizer and the settings: a restart reads them back
-instead of tokenising again. In a multi-rank job let one rank prepare first (then a barrier):
-the others find the cache.
+``prepare_data`` keeps its result whole under the cache folder, keyed by everything it depends
+on (``prepared_key``): a restart, or the job after ``launch/prepare.py``, reads it back instead
+of tokenising. Tokenising runs in ``preprocessing_num_workers`` processes. In a multi-rank job
+one rank prepares first (then a barrier): the others find the cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import socket
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import datasets
 import numpy as np
-import pyarrow as pa
 from datasets.fingerprint import Hasher
 
+from ..utils.atomic import write_text
+from .assets import cache_root
+from .packing import pack
+from .render import Renderer
 from .run_config import DataConfig
 
-IGNORE_INDEX = -100
-FORMATS = ("text", "alpaca", "chat")
+IGNORE_INDEX = -100  # label of a token that is not trained
+FORMATS = ("text", "alpaca", "chat", "prompt_completion")
 # Accepted column sets per format; detection tries them in this order.
 FORMAT_COLUMNS = {"chat": (("messages",), ("conversations",)), "alpaca": (("instruction", "output"),),
-                  "text": (("text",),)}
+                  "prompt_completion": (("prompt", "completion"),), "text": (("text",),)}
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-    "### Input:\n{input}\n\n### Response:\n")
-# For tokenizers without a chat template: role headers, EOS after each assistant reply.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}")
 # Part of every cache key: bump when the tokenisation rules change, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def ensure_pad_token(tokenizer: Any) -> int:
@@ -88,7 +78,7 @@ def load_data(path: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
             raise ValueError(f"{path!r}: unsupported file type {ext!r}; accepted: {', '.join(LOADERS)} or a "
                              "save_to_disk folder")
         if ext == ".jsonl":
-            _check_json_lines(path)
+            _check_json_lines_once(path, cache_dir)
         try:
             dataset = datasets.load_dataset(LOADERS[ext], data_files=path, split="train", cache_dir=cache_dir)
         except datasets.exceptions.DatasetGenerationError as err:
@@ -98,6 +88,17 @@ def load_data(path: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
     if len(dataset) == 0:
         raise ValueError(f"{path!r} has no rows")
     return dataset
+
+
+def _check_json_lines_once(path: str, cache_dir: Optional[str]) -> None:
+    """Check a JSON-lines file once per content (path, size, mtime): a marker in the cache records it."""
+    marker = os.path.join(cache_dir, "checked", Hasher.hash(_file_identity(path))) if cache_dir else None
+    if marker and os.path.isfile(marker):
+        return
+    _check_json_lines(path)
+    if marker:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        write_text(marker, path + "\n")
 
 
 def _check_json_lines(path: str) -> None:
@@ -147,107 +148,6 @@ def detect_format(columns: Sequence[str], forced: str = "auto", source: str = "d
     return fits[0]
 
 
-def _messages(row: Mapping[str, Any], index: int) -> list[dict[str, str]]:
-    """OpenAI ``messages`` or ShareGPT ``conversations`` as [{role, content}]."""
-    if row.get("messages") is not None:
-        turns, role_key, content_key, roles = row["messages"], "role", "content", None
-    else:
-        turns, role_key, content_key, roles = row.get("conversations"), "from", "value", SHAREGPT_ROLES
-    out = []
-    for turn in turns or []:
-        role, content = turn.get(role_key), turn.get(content_key)
-        if roles is not None:
-            if role not in roles:
-                raise ValueError(f"row {index}: unknown ShareGPT role {role!r} (known: {list(roles)})")
-            role = roles[role]
-        if content is not None and not isinstance(content, str):
-            raise ValueError(f"row {index}: message content must be text, got {type(content).__name__}")
-        out.append({"role": role, "content": content or ""})
-    return out
-
-
-def _default_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before a text by default (BOS for Llama, nothing for Qwen)."""
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class Renderer:
-    """One row -> (input_ids, trainable mask), for one tokenizer and format (bench/quality.py renders its
-    test prompts with it, so scoring sees exactly what training saw)."""
-
-    def __init__(self, tokenizer: Any, fmt: str, train_on_prompt: bool):
-        self.tok, self.fmt, self.train_on_prompt = tokenizer, fmt, train_on_prompt
-        self.eos = tokenizer.eos_token_id
-        if self.eos is None and not (fmt == "chat" and tokenizer.chat_template):
-            raise ValueError("the tokenizer has no eos token to end responses with")
-        self.prefix = _default_prefix(tokenizer)
-        self.template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def __call__(self, row: Mapping[str, Any], index: int) -> tuple[list[int], list[bool]]:
-        if self.fmt == "text":
-            ids = self.prefix + self.encode(row["text"] or "") + [self.eos]
-            return ids, [True] * len(ids)
-        if self.fmt == "alpaca":
-            fields = {k: row.get(k) or "" for k in ("instruction", "input")}
-            prompt = (ALPACA_PROMPT_WITH_INPUT if fields["input"] else ALPACA_PROMPT).format(**fields)
-            prompt_ids = self.prefix + self.encode(prompt)
-            response = self.encode(row["output"] or "") + [self.eos]
-            return prompt_ids + response, [self.train_on_prompt] * len(prompt_ids) + [True] * len(response)
-        return self._chat(_messages(row, index), index)
-
-    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
-
-    def _chat(self, messages: list[dict[str, str]], index: int) -> tuple[list[int], list[bool]]:
-        """Assistant spans found by rendering turn by turn: the conversation up to turn i with the
-        generation prompt is where reply i starts, up to and including turn i is where it ends (the
-        template's end-of-turn included). Token boundaries are the common prefixes of those
-        renderings' tokens with the whole conversation's, so a token that straddles a boundary
-        is never split. A conversation that ends with a reply ends with EOS (added if the template
-        does not put it there)."""
-        if not messages:
-            return [], []
-        prefix = self.prefix if self.template is FALLBACK_CHAT_TEMPLATE else []
-        full = self.render(messages)
-        ids = prefix + self.encode(full)
-        mask = [self.train_on_prompt] * len(ids)
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant" or self.train_on_prompt:
-                continue
-            start_text = self.render(messages[:i], generation_prompt=True) if i else ""
-            end_text = self.render(messages[:i + 1])
-            if not (end_text.startswith(start_text) and full.startswith(end_text)):
-                raise ValueError(
-                    f"row {index}: the chat template does not render turn by turn (the conversation up to turn "
-                    f"{i} is not a prefix of the whole one), so assistant tokens cannot be located; "
-                    "use a template without history-dependent rendering or set train_on_prompt")
-            start = len(prefix) + _common_prefix(self.encode(start_text), ids[len(prefix):])
-            end = len(prefix) + _common_prefix(self.encode(end_text), ids[len(prefix):])
-            mask[start:end] = [True] * (end - start)
-        if (messages[-1]["role"] == "assistant" and self.eos is not None
-                and not full.rstrip().endswith(self.tok.eos_token)):
-            ids, mask = ids + [self.eos], mask + [True]
-        return ids, mask
-
-
 @dataclass(frozen=True)
 class TokenizeStats:
     """What tokenisation did to one dataset (for the log)."""
@@ -271,15 +171,31 @@ def int_column(dataset: datasets.Dataset, name: str) -> np.ndarray:
     return dataset.with_format("arrow")[name].to_numpy().astype(np.int64, copy=False)
 
 
+ROWS_PER_WORKER = 2000  # fewer rows than this per process: starting a process costs more than it saves
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (its affinity mask, not the machine's count), at most 16."""
+    return max(1, min(len(os.sched_getaffinity(0)), 16))
+
+
+def _workers(requested: Optional[int], rows: int) -> Optional[int]:
+    """``num_proc`` for ``datasets.map``: None (this process) when one worker would do."""
+    workers = min(requested or default_workers(), max(1, rows // ROWS_PER_WORKER))
+    return workers if workers > 1 else None
+
+
 def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length: Optional[int],
              train_on_prompt: bool = False, truncation: str = "truncate", *, cache_dir: Optional[str] = None,
-             source: str = "data") -> tuple[datasets.Dataset, TokenizeStats]:
+             source: str = "data", num_proc: Optional[int] = 1) -> tuple[datasets.Dataset, TokenizeStats]:
     """Rows -> ``input_ids``, ``labels`` (-100 where not trained), ``length`` (before truncation),
     ``n_targets`` (``labels[1:] != -100``); rows without a target are dropped.
 
-    ``max_seq_length`` None: no limit (packing cuts blocks instead). Longer rows are cut at the
-    end (``truncation='truncate'``, counted in the stats) or refused (``'refuse'``: ValueError
-    with the count and the longest length). Cached in ``cache_dir`` (see module docstring).
+    ``max_seq_length`` None: no limit. Longer rows are cut at the end (``truncation='truncate'``,
+    counted in the stats) or refused (``'refuse'``: ValueError with the count and the longest
+    length). ``num_proc`` worker processes (None: ``default_workers()``; fewer for a small
+    dataset). Cached in ``cache_dir`` by ``datasets``, per worker shard: an interrupted run keeps
+    the shards it finished.
     """
     if truncation not in ("truncate", "refuse"):
         raise ValueError(f"truncation must be 'truncate' or 'refuse', got {truncation!r}")
@@ -290,11 +206,12 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
 
     def rows_to_tokens(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": []}
-        for j, index in enumerate(indices):
-            try:
-                ids, mask = renderer({k: v[j] for k, v in batch.items()}, index)
-            except ValueError as err:
-                raise ValueError(f"{source}: {err}") from None
+        rows = [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]
+        try:
+            rendered = renderer.batch(rows, indices)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        for ids, mask in rendered:
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
             out["length"].append(len(ids))
             if max_seq_length is not None:
@@ -308,7 +225,8 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
 
     tokenized = dataset.map(rows_to_tokens, batched=True, with_indices=True, remove_columns=dataset.column_names,
                             cache_file_name=_cache_file(cache_dir, "tokenized", key), load_from_cache_file=True,
-                            new_fingerprint=key, desc=f"tokenizing {source}")
+                            new_fingerprint=key, desc=f"tokenizing {source}",
+                            num_proc=_workers(num_proc, len(dataset)))
     lengths, targets = int_column(tokenized, "length"), int_column(tokenized, "n_targets")
     too_long = int((lengths > max_seq_length).sum()) if max_seq_length is not None else 0
     if truncation == "refuse" and too_long:
@@ -326,32 +244,6 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
     return tokenized, stats
 
 
-def pack(dataset: datasets.Dataset, block_size: int, *, cache_dir: Optional[str] = None) -> datasets.Dataset:
-    """Concatenate the rows and cut blocks of ``block_size`` tokens (the last one may be shorter).
-
-    Labels travel with their tokens (a sample's first token is already -100). No attention
-    masking between samples in a block: a sample sees the previous ones, as HF's ``group_texts``.
-    """
-    key = Hasher.hash([dataset._fingerprint, block_size, CACHE_VERSION])
-
-    def blocks(table: pa.Table) -> pa.Table:
-        ids, labels = (table.column(name).combine_chunks().flatten().to_numpy() for name in ("input_ids", "labels"))
-        starts = np.arange(0, len(ids), block_size)
-        offsets = pa.array(np.append(starts, len(ids)), pa.int64())
-        targets = labels != IGNORE_INDEX
-        targets[starts] = False  # a block's first label is never predicted (the causal shift)
-        return pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(ids)),
-                         "labels": pa.LargeListArray.from_arrays(offsets, pa.array(labels)),
-                         "length": np.diff(np.append(starts, len(ids))),
-                         "n_targets": np.add.reduceat(targets.astype(np.int64), starts)})
-
-    packed = dataset.with_format("arrow").map(blocks, batched=True, batch_size=None,
-                                              remove_columns=dataset.column_names,
-                                              cache_file_name=_cache_file(cache_dir, "packed", key),
-                                              load_from_cache_file=True, new_fingerprint=key, desc="packing")
-    return packed.with_format(None)
-
-
 @dataclass
 class PreparedData:
     """Tokenised (and packed) train and eval sets, ready for ``GlobalBatches`` / ``EvalBatches``."""
@@ -360,26 +252,121 @@ class PreparedData:
     eval: Optional[datasets.Dataset]
     format: str
     stats: dict[str, TokenizeStats]  # "train", and "eval" when there is one
+    cache: Optional[str] = None  # the prepared-data folder, when there is a cache
+    from_cache: bool = False  # read back whole: nothing was tokenised
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Optional[str]) -> PreparedData:
-    """Load, split (``eval_fraction``) or load ``eval_data``, tokenise and pack, as ``config`` says."""
+def cache_dir_of(config: DataConfig) -> str:
+    """Where prepared data is kept: ``data_cache_dir``, else ``<cache root>/datasets``."""
+    return config.data_cache_dir or os.path.join(cache_root(), "datasets")
+
+
+def data_files(spec: str) -> list[str]:
+    """``--data a.jsonl,b.parquet``: the files of one training set, in order."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def _file_identity(path: str) -> list:
+    """What a file's rows depend on, read without reading it: path, size and modification time
+    (as ``datasets`` keys its own cache). A folder is identified by its files."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return [path] + [_file_identity(os.path.join(path, f)) for f in sorted(os.listdir(path))]
+    if not os.path.exists(path):
+        return [path, None]  # load_data names it
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def prepared_key(config: DataConfig, tokenizer: Any, seed: int) -> str:
+    """The exact key of a prepared data set: every data option, each file's identity, the
+    tokenizer (vocabulary, special tokens and chat template included) and the rules' version.
+    ``launch/prepare.py`` and the job compute it the same way, so either finds the other's."""
+    files = [_file_identity(p) for p in data_files(config.data or "")]
+    eval_files = [_file_identity(p) for p in data_files(config.eval_data)] if config.eval_data else None
+    options = {k: v for k, v in dataclasses.asdict(config).items()
+               if k not in ("data", "eval_data", "data_cache_dir", "preprocessing_num_workers")}
+    seed_used = seed if config.eval_fraction > 0 else None  # only the eval split draws on it
+    return Hasher.hash([files, eval_files, options, seed_used, Hasher.hash(tokenizer), CACHE_VERSION])
+
+
+def _load_files(spec: str, forced: str, cache_dir: Optional[str]) -> tuple[datasets.Dataset, str]:
+    """One data set from one or several files, each detected on its own, then tokenised alike."""
+    parts, formats = [], []
+    for path in data_files(spec):
+        dataset = load_data(path, cache_dir)
+        formats.append(detect_format(dataset.column_names, forced, path))
+        parts.append(dataset)
+    if len(set(formats)) > 1:
+        raise ValueError(f"{spec}: the files have different formats ({', '.join(formats)}); one run trains one "
+                         "format (convert them, or train on one)")
+    if len(parts) > 1:
+        columns = sorted(set.intersection(*(set(p.column_names) for p in parts)))
+        parts = [p.select_columns(columns) for p in parts]
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), formats[0]
+
+
+def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Optional[str],
+                 num_proc: Optional[int] = None) -> PreparedData:
+    """Load, split (``eval_fraction``) or load ``eval_data``, tokenise and pack, as ``config`` says.
+
+    With a ``cache_dir`` the result is kept whole under ``prepared-<key>/`` (``prepared_key``),
+    written to a temporary name and renamed when complete: a later call with the same key reads
+    it back (``from_cache``) without loading, checking or tokenising anything.
+    """
     if config.data is None:
         raise ValueError("no training data: set data (a .jsonl/.json/.csv/.parquet/.arrow file or a folder)")
-    train = load_data(config.data, cache_dir)
-    fmt = detect_format(train.column_names, config.format, config.data)
+    folder = os.path.join(cache_dir, f"prepared-{prepared_key(config, tokenizer, seed)}") if cache_dir else None
+    if folder and os.path.isfile(os.path.join(folder, PREPARED_META)):
+        return _read_prepared(folder)
+    workers = num_proc if num_proc is not None else config.preprocessing_num_workers
+    work = f"{folder}.work" if folder else None  # the tokenising maps' shards; kept until complete
+    train, fmt = _load_files(config.data, config.format, cache_dir)
     evaluation, eval_source = None, None
     if config.eval_data:
-        evaluation, eval_source = load_data(config.eval_data, cache_dir), config.eval_data
+        evaluation, eval_source = _load_files(config.eval_data, config.format, cache_dir)[0], config.eval_data
     elif config.eval_fraction > 0:
         parts = train.train_test_split(test_size=config.eval_fraction, seed=seed)
         train, evaluation, eval_source = parts["train"], parts["test"], f"{config.data} (eval split)"
-    limit = None if config.packing else config.max_seq_length
     prepared, stats = {}, {}
     for name, dataset, source in (("train", train, config.data), ("eval", evaluation, eval_source)):
         if dataset is None:
             continue
-        dataset, stats[name] = tokenize(dataset, tokenizer, config.format, limit, config.train_on_prompt,
-                                        config.truncation, cache_dir=cache_dir, source=source)
-        prepared[name] = pack(dataset, config.max_seq_length, cache_dir=cache_dir) if config.packing else dataset
-    return PreparedData(train=prepared["train"], eval=prepared.get("eval"), format=fmt, stats=stats)
+        dataset, stats[name] = tokenize(dataset, tokenizer, fmt, config.max_seq_length, config.train_on_prompt,
+                                        config.truncation, cache_dir=work, source=source, num_proc=workers)
+        if config.packing:
+            dataset = pack(dataset, config.max_seq_length, num_proc=_workers(workers, len(dataset)),
+                           cache_file_name=_cache_file(work, f"packed-{name}", "blocks"))
+        prepared[name] = dataset
+    data = PreparedData(train=prepared["train"], eval=prepared.get("eval"), format=fmt, stats=stats, cache=folder)
+    return _write_prepared(data, folder, work) if folder else data
+
+
+PREPARED_META = "prepared.json"  # written last: a folder without it is incomplete
+
+
+def _write_prepared(data: PreparedData, folder: str, work: str) -> PreparedData:
+    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"  # nodes may share a disk and a pid
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("train", "eval"):
+        dataset = getattr(data, name)
+        if dataset is not None:
+            dataset.save_to_disk(os.path.join(tmp, name))
+    meta = {"format": data.format, "stats": {k: dataclasses.asdict(v) for k, v in data.stats.items()}}
+    write_text(os.path.join(tmp, PREPARED_META), json.dumps(meta))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished the same folder first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return _read_prepared(folder, from_cache=False)
+
+
+def _read_prepared(folder: str, from_cache: bool = True) -> PreparedData:
+    with open(os.path.join(folder, PREPARED_META)) as f:
+        meta = json.load(f)
+    sets = {name: datasets.load_from_disk(os.path.join(folder, name)) if os.path.isdir(os.path.join(folder, name))
+            else None for name in ("train", "eval")}
+    return PreparedData(train=sets["train"], eval=sets["eval"], format=meta["format"],
+                        stats={k: TokenizeStats(**v) for k, v in meta["stats"].items()}, cache=folder,
+                        from_cache=from_cache)

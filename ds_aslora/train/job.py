@@ -36,13 +36,14 @@ from ..runtime.engine import initialize
 from ..utils.atomic import write_text
 from ..utils.ranks import free_port, raise_together, rank_and_world, remove_shm_buffers
 from . import assets
-from .data import prepare_data
+from .data import PreparedData, cache_dir_of, prepare_data
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
     TINY,
     check_model_folder,
     enable_activation_checkpointing,
-    load_model_and_tokenizer,
+    load_model,
+    load_tokenizer,
     resolve_model_path,
 )
 from .resolved import deepspeed_config, derive, lr_at, save_resolved
@@ -120,8 +121,8 @@ def apply_embedded_defaults(run: RunConfig) -> None:
                 setattr(config, name, value)
     cache = os.path.join(assets.cache_root(), "shakespeare")
     train_txt, heldout_txt = assets.shakespeare_paths()
-    run.data.data = os.path.join(cache, "train.jsonl")
-    run.data.eval_data = os.path.join(cache, "heldout.jsonl")
+    run.data.data = os.path.join(cache, f"train-{assets.ROW_CHARS}.jsonl")  # the row size names the file
+    run.data.eval_data = os.path.join(cache, f"heldout-{assets.ROW_CHARS}.jsonl")
     if _local_rank() == 0:
         for txt, jsonl in ((train_txt, run.data.data), (heldout_txt, run.data.eval_data)):
             if not os.path.isfile(jsonl):
@@ -232,6 +233,27 @@ def base_config(model: str, trust_remote_code: bool) -> Any:
     return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
+def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
+    """Tokenise (and pack) once, before the model loads: global rank 0 first (a cache on a shared
+    disk is then ready for everyone), then the first rank of every other node (node-local
+    caches), then the rest, who read the cache. ``launch/prepare.py`` fills the same cache."""
+    rank = rank_and_world()[0]
+    cache = cache_dir_of(run.data)
+    data = None
+    for turn in (rank == 0, _local_rank() == 0 and rank != 0, _local_rank() != 0):
+        if turn:
+            data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
+        _setup_barrier()
+    say(f"data: {'read the prepared cache' if data.from_cache else 'tokenised into'} {data.cache}"
+        + (" (nothing tokenised)" if data.from_cache else ""))
+    for split, stats in data.stats.items():
+        if stats.truncated:
+            say(f"{split}: {stats.truncated} of {stats.rows} sequences were longer than max_seq_length="
+                f"{run.data.max_seq_length} (longest {stats.longest} tokens) and were truncated "
+                f"(--truncation refuse stops instead)")
+    return data
+
+
 def rotate_checkpoints(ckpt_dir: str, keep: Optional[int]) -> None:
     """Rank 0, after a completed save: delete the oldest ``global_step*`` beyond ``keep``
     (never the one ``latest`` names)."""
@@ -257,7 +279,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         apply_embedded_defaults(run)
     resume_from = resume_point(run)
     ds_json = load_ds_config(ds_path)
-    derived = derive(run, world, ds_json, ds_path=ds_path)
+    # Checked before any data is read; with num_train_epochs the steps need the prepared data first.
+    derived = derive(run, world, ds_json, ds_path=ds_path) if run.training.num_train_epochs is None else None
     resumable = None
     if resume_from is not None:  # before anything is built: the checkpoint's metadata alone
         try:
@@ -284,23 +307,17 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     raise_together(error, ConfigError)
     out = run.logging.output_dir
     check_shared_filesystem(out)
+    tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
+    data = prepare_job_data(run, tokenizer)
+    if derived is None:
+        derived = derive(run, world, ds_json, ds_path=ds_path, train_sequences=len(data.train))
+        say(f"num_train_epochs {run.training.num_train_epochs:g}: {len(data.train):,} training sequences / global "
+            f"batch {derived.global_batch_size} -> {derived.max_steps} steps")
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=config.hidden_size)
-    model, tokenizer, keep_alive, source = load_model_and_tokenizer(
-        model_path, ds_config, derived.dtype, seed=run.training.seed,
-        trust_remote_code=run.model.trust_remote_code)
-    cache = run.data.data_cache_dir or os.path.join(assets.cache_root(), "datasets")
-    # Tokenise once: global rank 0 first (a cache on a shared disk is then ready for everyone),
-    # then the first rank of every other node (node-local caches), then the rest read the cache.
-    for turn in (rank == 0, _local_rank() == 0 and rank != 0, _local_rank() != 0):
-        if turn:
-            data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
-        _setup_barrier()
-    for split, stats in data.stats.items():
-        if stats.truncated:
-            say(f"{split}: {stats.truncated} of {stats.rows} sequences were longer than max_seq_length="
-                f"{run.data.max_seq_length} (longest {stats.longest} tokens) and were truncated "
-                f"(--truncation refuse stops instead)")
+    model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
+                                   trust_remote_code=run.model.trust_remote_code)
+    source = model_path
     torch.manual_seed(run.training.seed)  # adapter initialisation (rank 0's is broadcast)
     inject_adapters(model, run.adapter)
     if run.model.activation_checkpointing:

@@ -23,7 +23,7 @@ from ..merging.coordinator import MergeCoordinator
 from ..runtime.replicated_bank import ReplicatedBank
 from ..runtime.step import micro_step
 from ..utils.ranks import rank_and_world
-from .batches import EvalBatches, GlobalBatches
+from .batches import EvalBatches, GlobalBatches, model_inputs
 from .resolved import Derived
 from .tensorboard_log import RunLogger
 
@@ -94,7 +94,7 @@ def evaluate(job: Job) -> dict[str, float]:
         batch = {k: v.to(engine.device) for k, v in step.micro_batches[0].items()}
         targets = int((batch["labels"][:, 1:] != -100).sum())
         # num_items_in_batch=1: the summed cross-entropy of this micro-batch
-        loss_sum = engine(**batch, num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
+        loss_sum = engine(**model_inputs(batch), num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
         local[0] += float(loss_sum) if targets else 0.0
         local[1] += targets
     engine.train()
@@ -154,7 +154,8 @@ def train(job: Job, start_step: int) -> list[dict]:
             local_loss, local_tokens, merges = 0.0, 0, []
             for micro in step_batch.micro_batches:
                 batch = {k: v.to(engine.device) for k, v in micro.items()}
-                loss, applied = micro_step(engine, {**batch, "num_items_in_batch": n_items}, job.bank, job.merger)
+                loss, applied = micro_step(engine, {**model_inputs(batch), "num_items_in_batch": n_items}, job.bank,
+                                           job.merger)
                 local_loss += float(loss)
                 local_tokens += int(batch["attention_mask"].sum())
                 merges += applied

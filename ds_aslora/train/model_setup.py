@@ -62,32 +62,39 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {path!r} has no weights (*.safetensors or *.bin)")
 
 
-def load_model_and_tokenizer(model: Optional[str], ds_config: dict, dtype: str, *, seed: int,
-                             trust_remote_code: bool = False) -> tuple[nn.Module, Any, Optional[Any], str]:
-    """``(model, tokenizer, keep_alive, source)``: a frozen causal LM (partitioned under ZeRO-3;
-    hold ``keep_alive`` for the run) and its tokenizer with a pad token. A folder is expected to
-    have passed ``check_model_folder``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a resolved model path (or ``tiny``) with a pad token, without the weights:
+    the data is prepared with it before the model loads."""
     from .data import ensure_pad_token
+
+    if model == TINY:
+        tokenizer = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model(model: str, tokenizer: Any, ds_config: dict, dtype: str, *, seed: int,
+               trust_remote_code: bool = False) -> tuple[nn.Module, Optional[Any]]:
+    """``(model, keep_alive)``: a frozen causal LM (partitioned under ZeRO-3; hold ``keep_alive``
+    for the run) that ``tokenizer`` belongs to. A folder is expected to have passed
+    ``check_model_folder``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
 
     torch_dtype = DTYPES[dtype]
     if model == TINY:
-        tokenizer = byte_tokenizer()
         keep_alive = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
         torch.manual_seed(seed)  # every rank builds the same weights
-        base = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch_dtype)
+        base = AutoModelForCausalLM.from_config(tiny_config(len(byte_tokenizer())), dtype=torch_dtype)
         base.requires_grad_(False)
-        source = TINY
     else:
-        path = resolve_model_path(model)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        base, keep_alive = load_base_model(path, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        source = path
-    ensure_pad_token(tokenizer)
-    check_vocabulary(base, tokenizer, source)
-    return base, tokenizer, keep_alive, source
+        base, keep_alive = load_base_model(model, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    check_vocabulary(base, tokenizer, model)
+    return base, keep_alive
 
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, source: str) -> None:

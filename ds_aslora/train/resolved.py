@@ -130,10 +130,12 @@ def _check_scheduler(ds: Mapping[str, Any], ds_path: str) -> None:
 
 
 def derive(run: RunConfig, world_size: int, ds_json: Optional[Mapping[str, Any]] = None, *,
-           ds_path: str = "the DeepSpeed config", on_gpu: Optional[bool] = None) -> Derived:
+           ds_path: str = "the DeepSpeed config", on_gpu: Optional[bool] = None,
+           train_sequences: Optional[int] = None) -> Derived:
     """Every effective number of the run, in one place (see the module docstring for the rule).
 
     ``on_gpu``: whether ``dtype: auto`` may pick bf16; unset: asks DeepSpeed's accelerator.
+    ``train_sequences``: the prepared training set's size, which ``num_train_epochs`` needs.
     """
     require(world_size >= 1, f"world_size must be >= 1, got {world_size}")
     ds = ds_json or {}
@@ -157,8 +159,14 @@ def derive(run: RunConfig, world_size: int, ds_json: Optional[Mapping[str, Any]]
            f"lr_scheduler={t.lr_scheduler} (run config) contradicts scheduler.type={ds_kind} in {ds_path} "
            f"(that is {ds_shape})")
     max_steps = settle.pick("max_steps", t.max_steps, ["scheduler.params.total_num_steps"], None)
-    require(max_steps is not None, f"max_steps is not set: pass --max_steps N (or set "
-                                  f"scheduler.params.total_num_steps in {ds_path})")
+    if t.num_train_epochs is not None:
+        require(max_steps is None, f"num_train_epochs={t.num_train_epochs} (run config) contradicts "
+                                   f"scheduler.params.total_num_steps={max_steps} in {ds_path}: set one of them")
+        require(train_sequences is not None, "num_train_epochs needs the training set's size (derive after the "
+                                             "data is prepared)")
+        max_steps = epoch_steps(t.num_train_epochs, train_sequences, global_batch)
+    require(max_steps is not None, f"max_steps is not set: pass --max_steps N or --num_train_epochs E (or set "
+                                   f"scheduler.params.total_num_steps in {ds_path})")
     run_warmup = t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * max_steps)
     label = None if t.warmup_ratio is None else f"{run_warmup} (warmup_ratio {t.warmup_ratio})"
     warmup = settle.pick("warmup_steps", run_warmup, ["scheduler.params.warmup_num_steps"],
@@ -174,6 +182,11 @@ def derive(run: RunConfig, world_size: int, ds_json: Optional[Mapping[str, Any]]
                                         DEFAULT_MAX_GRAD_NORM)),
         dtype=_settle_dtype(run.model.dtype, ds, ds_path, on_gpu),
         run_name=run.logging.run_name or os.path.basename(os.path.normpath(run.logging.output_dir)))
+
+
+def epoch_steps(epochs: float, train_sequences: int, global_batch: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``train_sequences``, the last one partial."""
+    return max(1, math.ceil(epochs * train_sequences / global_batch))
 
 
 def lr_at(step: int, derived: Derived) -> float:

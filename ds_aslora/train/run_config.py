@@ -27,7 +27,7 @@ from ..adapters.config import AdapterConfig
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-FORMATS = ("auto", "text", "alpaca", "chat")
+FORMATS = ("auto", "text", "alpaca", "chat", "prompt_completion")
 TRUNCATIONS = ("truncate", "refuse")
 SCHEDULERS = ("cosine", "linear", "constant")
 # DeepSpeed scheduler types whose shape the loop's schedule (lr_at) reproduces.
@@ -87,22 +87,27 @@ class DataConfig:
     """What to train on and how it becomes token sequences."""
 
     data: Optional[str] = _help(
-        "training data: a .jsonl/.json/.csv/.parquet/.arrow file or a datasets save_to_disk folder; unset: the "
-        "trainer's built-in sample")
+        "training data: a .jsonl/.json/.csv/.parquet/.arrow file or a datasets save_to_disk folder, or several "
+        "separated by commas (each detected on its own, one format for all); unset: the trainer's built-in sample")
     eval_data: Optional[str] = _help("evaluation data, same forms as data (exclusive with eval_fraction)")
     format: str = _help(
-        "auto | text | alpaca | chat; auto: from the columns (messages/conversations: chat, "
-        "instruction+output: alpaca, text: text)", "auto")
-    max_seq_length: int = _help("tokens per sequence (longer ones: see truncation)", 2048)
+        "auto | text | alpaca | chat | prompt_completion; auto: from the columns (messages/conversations: chat, "
+        "instruction+output: alpaca, prompt+completion: prompt_completion, text: text)", "auto")
+    max_seq_length: int = _help("tokens per sequence, or per block with packing (longer samples: see truncation)",
+                                2048)
     packing: bool = _help(
-        "concatenate samples into max_seq_length blocks (no attention masking between samples; no "
-        "sample is truncated)", False)
+        "pack whole samples into max_seq_length blocks (best-fit decreasing; a sample is never split, position "
+        "ids restart at each sample and attention stays within it)", False)
     eval_fraction: float = _help(
         "hold out this fraction of data for evaluation (deterministic with seed); 0: none", 0.0)
     train_on_prompt: bool = _help(
-        "alpaca/chat: also train on prompt tokens; default: loss on responses (assistant turns) only", False)
+        "alpaca/chat/prompt_completion: also train on prompt tokens; default: loss on responses (assistant "
+        "turns) only", False)
     truncation: str = _help(
         "truncate | refuse: cut sequences longer than max_seq_length (counted and logged), or stop", "truncate")
+    preprocessing_num_workers: Optional[int] = _help(
+        "processes that tokenise and pack; unset: the CPUs this process may use, at most 16 (small data sets "
+        "use fewer)")
     data_cache_dir: Optional[str] = _help(
         "where tokenised datasets are cached (per node), so a restart does not tokenise again; unset: "
         "<cache root>/datasets, the cache root being $DS_ASLORA_CACHE, else $XDG_CACHE_HOME/ds_aslora, else "
@@ -113,8 +118,8 @@ class DataConfig:
         _check_choice("truncation", self.truncation, TRUNCATIONS)
         _check_min("max_seq_length", self.max_seq_length, 2)
         require(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        require(not (self.eval_data and self.eval_fraction > 0),
-               "set eval_data or eval_fraction, not both")
+        _check_min("preprocessing_num_workers", self.preprocessing_num_workers, 1)
+        require(not (self.eval_data and self.eval_fraction > 0), "set eval_data or eval_fraction, not both")
 
 
 @dataclass
@@ -130,8 +135,11 @@ class TrainingConfig:
         "micro-batches per optimizer step; unset: the DeepSpeed config's, else "
         f"{DEFAULT_GRADIENT_ACCUMULATION_STEPS}")
     max_steps: Optional[int] = _help(
-        "optimizer steps to train; unset: scheduler.params.total_num_steps of the DeepSpeed config (required "
-        "from one of them)")
+        "optimizer steps to train; unset: scheduler.params.total_num_steps of the DeepSpeed config, or "
+        "num_train_epochs")
+    num_train_epochs: Optional[float] = _help(
+        "passes over the training set instead of max_steps: steps = ceil(epochs x training sequences (after "
+        "packing) / global batch), printed at start")
     warmup_steps: Optional[int] = _help(
         "linear warmup steps (exclusive with warmup_ratio); unset: scheduler.params.warmup_num_steps, else "
         f"warmup_ratio {DEFAULT_WARMUP_RATIO}")
@@ -157,6 +165,9 @@ class TrainingConfig:
         _check_min("micro_batch_size", self.micro_batch_size, 1)
         _check_min("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _check_min("max_steps", self.max_steps, 1)
+        require(self.num_train_epochs is None or self.num_train_epochs > 0,
+                f"num_train_epochs must be > 0, got {self.num_train_epochs!r}")
+        require(self.max_steps is None or self.num_train_epochs is None, "set max_steps or num_train_epochs, not both")
         _check_min("warmup_steps", self.warmup_steps, 0)
         require(self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0,
                f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
@@ -386,11 +397,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def parse_run_config(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, str]:
+def parse_run_config(argv: Optional[Sequence[str]] = None, *,
+                     require_deepspeed: bool = True) -> tuple[RunConfig, Optional[str]]:
     """(RunConfig, DeepSpeed JSON path) from ``--config`` YAML and command-line overrides.
 
-    ``--deepspeed FILE`` is required (on the command line or as the YAML key ``deepspeed``);
-    ``--local_rank`` (DeepSpeed's launcher) is accepted and ignored.
+    ``--deepspeed FILE`` is required (on the command line or as the YAML key ``deepspeed``) unless
+    ``require_deepspeed`` is false (data preparation needs none); ``--local_rank`` (DeepSpeed's
+    launcher) is accepted and ignored.
     """
     options, config_path, ds_path = _read_cli(sys.argv[1:] if argv is None else argv)
     values = load_yaml(config_path) if config_path else {}
@@ -400,6 +413,7 @@ def parse_run_config(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, s
     typed = _typed(values, repr(config_path))
     typed.update({k: _convert(v, FIELDS[k][1], f"--{k}") for k, v in options.items()})  # the command line wins
     run = RunConfig.from_dict(typed)
-    require(bool(ds_path), "no DeepSpeed config: pass --deepspeed FILE (shipped: ds_configs/zero2.json, "
-                          "ds_configs/zero3.json, ds_configs/zero3_offload.json)")
-    return run, str(ds_path)
+    require(bool(ds_path) or not require_deepspeed, "no DeepSpeed config: pass --deepspeed FILE (shipped: "
+                                                    "ds_configs/zero2.json, ds_configs/zero3.json, "
+                                                    "ds_configs/zero3_offload.json)")
+    return run, str(ds_path) if ds_path else None
