@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from ds_aslora.adapters.config import AdapterConfig
 from ds_aslora.adapters.count import build_on_meta
 from ds_aslora.adapters.inject import adapter_layers
+from ds_aslora.merging.schedule import model_schedule, owners_by_type, param_counts
 from ds_aslora.planning.inventory import DEEPSPEED_PERSISTENCE_THRESHOLD
 from ds_aslora.planning.memory import (
     MemoryPlan,
@@ -28,6 +29,14 @@ from ds_aslora.planning.memory import (
     schedule_merges,
     trainable_counts,
 )
+
+
+def _step(value: str) -> int | float:
+    """As the job reads merge_start/merge_end: an integer is a step, a float a fraction of the run."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
 
 
 def _threshold(value: str) -> str:
@@ -53,7 +62,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     merges = a.add_mutually_exclusive_group()
     merges.add_argument("--merge_count", "--merges", dest="merge_count", type=int,
                         help="aslora: merges per module type (default: down to one group)")
-    merges.add_argument("--target_groups", type=int, help="aslora: stop at this many B groups per module type")
+    merges.add_argument("--target_groups", type=int, help="aslora: end at this many B groups per module type")
+    merges.add_argument("--target_ratio", type=float,
+                        help="aslora: end at this fraction of LoRA's trainable parameters (at most)")
+    a.add_argument("--merge_start", type=_step, default=0.1, help="aslora: a step (integer) or fraction of the run")
+    a.add_argument("--merge_end", type=_step, default=0.8, help="aslora: a step (integer) or fraction of the run")
+    a.add_argument("--merge_interval", type=int, help="aslora: steps between merge events (default: spread)")
+    a.add_argument("--merges_per_event", type=int, help="aslora: merges per module type at each event")
+    a.add_argument("--max_steps", type=int,
+                   help="the run's optimizer steps: the plan then prints ASLoRA's schedule as the job runs it "
+                        "(and refuses one that cannot reach its target, as the job does)")
     t = p.add_argument_group("training setup")
     t.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3], help="ZeRO stage")
     t.add_argument("--nodes", type=int, default=1)
@@ -110,7 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         cfg = AdapterConfig(method=args.method, r=args.r, dropout=args.dropout, target_modules=targets,
                             share=args.share, scope=args.scope, a_scope=args.a_scope,
-                            merge_count=args.merge_count, target_groups=args.target_groups)
+                            merge_count=args.merge_count, target_groups=args.target_groups,
+                            **({"target_ratio": args.target_ratio, "merge_start": args.merge_start,
+                                "merge_end": args.merge_end, "merge_interval": args.merge_interval,
+                                "merges_per_event": args.merges_per_event} if args.method == "aslora" else {}))
         lora_cfg = AdapterConfig(method="lora", r=args.r, dropout=args.dropout, target_modules=targets)
         model = build_on_meta(args.model_config, cfg)
         lora = model if cfg.method == "lora" else build_on_meta(args.model_config, lora_cfg)
@@ -123,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plan = memory_plan(model, setup)
         lora_plan = plan if lora is model else memory_plan(lora, setup)
         checks = deepspeed_estimator_checks(plan.inventory, setup)
+        schedule = model_schedule(model, args.max_steps) if cfg.method == "aslora" and args.max_steps else None
     except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -141,11 +163,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if after is not None:
         k = schedule_merges(model)
         groups = f"{L - k} B group{'s' if L - k > 1 else ''}"
-        rows.append((f"aslora after {k} merges per module type ({groups})", after))
+        rows.append((f"aslora at the end of the run, after {k} merges per module type ({groups})", after))
     for name, value in rows:
         print(f"  {name:<58} {value:>15,d}  {100.0 * value / n_lora:6.2f}% of LoRA")
     if after is not None:
         print("  (retired B stay registered, so the memory below holds before and after the merges)")
+        print(f"  {schedule.describe(owners_by_type(model), param_counts(model))} in {args.max_steps} steps"
+              if schedule is not None else "  (give --max_steps to see the schedule that reaches it)")
 
     s = setup
     where = f"{s.nodes} node{'s' if s.nodes > 1 else ''} x {s.gpus_per_node} GPUs (world {s.world})"

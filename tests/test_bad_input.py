@@ -99,6 +99,10 @@ def bad_inputs(assets, tmp):
         ("unknown flag", ["--learing_rate", "1e-3"], {},
          "unknown option --learing_rate; did you mean --learning_rate?"),
         ("unknown yaml key", ["--config", str(yaml_file)], {}, "learing_rate_warmup"),
+        ("unreachable ASLoRA schedule", ["--method", "aslora", "--merge_start", "1", "--merge_interval", "3",
+                                         "--merges_per_event", "1"], {},
+         "ASLoRA cannot reach 1 B groups per module type by step 2: 0 merge events (merge_start=1, merge_interval=3, "
+         "merge_end=2) x merges_per_event=1 = 0 merges, 3 needed; a wider window (merge_start, merge_end) would"),
     ]
 
 

@@ -6,8 +6,8 @@ from ds_aslora import AdapterConfig, MergePolicy
 from ds_aslora.merging.policy import blend, squared_distances, update_running_means
 
 
-def policy(n=6, **kw):
-    return MergePolicy(AdapterConfig(method="aslora", **kw), {"q_proj": n})
+def policy(n=6, total_steps=None, **kw):
+    return MergePolicy(AdapterConfig(method="aslora", **kw), {"q_proj": n}, total_steps)
 
 
 def planted(values):
@@ -33,19 +33,19 @@ def test_adjacent_merge_takes_the_closest_neighbours_and_keeps_the_upper_represe
 
 def test_all_pairs_can_merge_non_neighbours_but_adjacent_cannot():
     d = {"q_proj": planted([0.0, 10.0, 0.1, 30.0])}
-    assert [(m.lower, m.upper) for m in policy(4, merge_candidates="all").plan(1, d)] == [((0,), (2,))]
-    assert [(m.lower, m.upper) for m in policy(4).plan(1, d)] == [((1,), (2,))]
+    assert [(m.lower, m.upper) for m in policy(4, merge_candidates="all").plan(1, d, 1)] == [((0,), (2,))]
+    assert [(m.lower, m.upper) for m in policy(4).plan(1, d, 1)] == [((1,), (2,))]
 
 
 def test_several_merges_per_event_use_disjoint_groups():
-    p = policy(6, merges_per_event=2)
-    plan = p.plan(1, {"q_proj": planted([0.0, 0.1, 0.13, 0.2, 8.0, 9.0])})
+    p = policy(6)
+    plan = p.plan(1, {"q_proj": planted([0.0, 0.1, 0.13, 0.2, 8.0, 9.0])}, 2)  # two merges due
     # (1,2) is closest; (2,3) and (0,1) come next but reuse group 1 or 2, so (4,5) follows
     assert [(m.lower, m.upper) for m in plan] == [((1,), (2,)), ((4,), (5,))]
 
 
 def test_equal_distances_break_towards_lower_layers():
-    plan = policy(4).plan(1, {"q_proj": planted([0.0, 1.0, 2.0, 3.0])})
+    plan = policy(4).plan(1, {"q_proj": planted([0.0, 1.0, 2.0, 3.0])}, 1)
     assert (plan[0].lower, plan[0].upper) == ((0,), (1,))
 
 
@@ -62,21 +62,22 @@ def test_merges_stop_at_merge_count_or_target_groups():
 
 
 def test_groups_grow_as_contiguous_blocks_and_state_round_trips():
-    p = policy(6, merges_per_event=1)
-    for values in ([0, 1, 1.1, 5, 6, 9], [0, 5, 5.5, 8, 20], [0, 5.5, 6, 20]):
-        p.apply(p.plan(1, {"q_proj": planted(values)}))
+    p = policy(6, merge_start=0, merge_end=3, target_groups=3, total_steps=3)
+    for step, values in enumerate(([0, 1, 1.1, 5, 6, 9], [0, 5, 5.5, 8, 20], [0, 5.5, 6, 20]), start=1):
+        p.apply(p.plan(step, {"q_proj": planted(values)}, 1))
     assert p.groups["q_proj"] == [(0,), (1, 2, 3, 4), (5,)]
     assert p.tie_map("q_proj") == [0, 4, 4, 4, 4, 5]
-    q = policy(6)
+    assert p.schedule.events == ((1, 1), (2, 1), (3, 1))  # 3 merges down to 3 groups, spread over steps 1-3
+    q = policy(6, total_steps=1000)  # a resumed run keeps the schedule it started with
     q.load_state_dict(p.state_dict())
-    assert q.groups == p.groups and q.history == p.history
+    assert q.groups == p.groups and q.history == p.history and q.schedule == p.schedule
 
 
 def test_plan_rejects_a_wrong_or_non_finite_matrix():
     with pytest.raises(ValueError, match="3x3"):
-        policy(3).plan(1, {"q_proj": torch.zeros(2, 2)})
+        policy(3).plan(1, {"q_proj": torch.zeros(2, 2)}, 1)
     with pytest.raises(ValueError, match="finite"):
-        policy(2).plan(1, {"q_proj": torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]])})
+        policy(2).plan(1, {"q_proj": torch.tensor([[0.0, float("nan")], [float("nan"), 0.0]])}, 1)
 
 
 def test_running_mean_and_blend_arithmetic():

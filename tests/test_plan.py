@@ -199,7 +199,7 @@ def test_cli_70b_aslora_zero3_4x8(capsys):
                       "--targets", "all-linear", "--zero", "3", "--nodes", "4", "--gpus", "8", "--merges", "60"])
     out = capsys.readouterr().out
     assert f"{lora:,}" in out and f"{share_a:,}" in out and f"{share_a - 60 * per_merge:,}" in out
-    assert "aslora after 60 merges per module type (20 B groups)" in out
+    assert "aslora at the end of the run, after 60 merges per module type (20 B groups)" in out
     assert "world 32" in out and "raised to 1,835,008" in out
     assert "429,916,160 params =     859,832,320 B" in out and "10,485,760 params =      20,971,520 B" in out
     assert out.count(" agree ") == 2 and "DIFFER" not in out

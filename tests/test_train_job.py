@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 METHODS = {"lora": ["--method", "lora"], "shareA": ["--method", "sharelora", "--share", "A"],
            "shareAB": ["--method", "sharelora", "--share", "AB"],  # no per-layer tensor: the bank in the engine
-           "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--target_groups", "2"]}
+           "aslora": ["--method", "aslora", "--merge_start", "2", "--merge_interval", "2", "--merge_end", "6",
+                      "--target_groups", "2"]}
 
 
 def scalars(out, tag):
@@ -199,3 +200,22 @@ def test_a_job_after_launch_prepare_reads_the_cache_and_tokenises_nothing(assets
                              cwd=ROOT)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: data file {str(tmp_path / 'none.jsonl')!r} not found"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps, ranks", [(3, 1), (7, 2)])
+def test_aslora_reaches_its_target_in_runs_of_any_length_and_a_resume_keeps_the_schedule(assets, tmp_path, steps,
+                                                                                        ranks):
+    """The default window (10% to 80% of the run) with target_groups 2 of 4 layers: 2 merges per module type,
+    spread over however many steps the run has; resumed with more steps, the run keeps its schedule."""
+    out = tmp_path / "out"
+    args = ["--method", "aslora", "--target_groups", "2", "--save_interval", str(steps)]
+    first = launch(assets, out, *args, "--max_steps", str(steps), ranks=ranks)
+    (line,) = [x for x in first.stdout.splitlines() if x.startswith("ASLoRA schedule: ")]
+    assert line.startswith("ASLoRA schedule: 2 merge events from step ") and (
+        "(1 merge per module type at each, 14 in all), ending at 2 B groups per module type, " in line)
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary["live_B_groups"].values()) == {2}
+    again = launch(assets, out, *args, "--max_steps", str(steps + 4), "--resume", "auto", ranks=ranks)
+    assert line in again.stdout.splitlines()  # the schedule it started with, not one for the longer run
+    assert set(json.load(open(out / "summary.json"))["live_B_groups"].values()) == {2}

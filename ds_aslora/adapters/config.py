@@ -49,16 +49,25 @@ class AdapterConfig:
     a_scope: str = _help(
         "aslora: module (one global A per module type) | in_dim (one A for all module "
         "types with the same input dimension)", "module")
-    merge_start: int = _help("aslora: T_s, no merge at or before this optimizer step", 100)
-    merge_interval: int = _help(
-        "aslora: merge events at steps t > merge_start with (t - merge_start) % "
-        "merge_interval == 0", 100)
-    merges_per_event: int = _help("aslora: merges per module type at each event", 1)
+    merge_start: Union[int, float] = _help(
+        "aslora: no merge at or before this optimizer step (an integer), or this fraction of the run (a "
+        "float)", 0.1)
+    merge_end: Union[int, float] = _help(
+        "aslora: the last step a merge may fall on (an integer), or this fraction of the run (a float): "
+        "the merged groups train on after it", 0.8)
+    merge_interval: Optional[int] = _help(
+        "aslora: steps between merge events (at merge_start + k x interval, up to merge_end); unset: the "
+        "merges the target needs are spread evenly over the window", None)
+    merges_per_event: Optional[int] = _help(
+        "aslora: merges per module type at each event; unset: as many as the schedule needs", None)
     merge_count: Optional[int] = _help(
-        "aslora: stop after this many merges per module type (exclusive with "
-        "target_groups; neither = merge down to one group)", None)
+        "aslora: end after this many merges per module type (one of merge_count, target_groups, "
+        "target_ratio; none: down to one group)", None)
     target_groups: Optional[int] = _help(
-        "aslora: stop when this many B groups per module type remain", None)
+        "aslora: end when this many B groups per module type remain", None)
+    target_ratio: Optional[float] = _help(
+        "aslora: end at the most B groups whose trainable parameters are at most this fraction of "
+        "plain LoRA's on the same targets", None)
     merge_candidates: str = _help(
         "aslora: adjacent (groups stay contiguous layer blocks) | all (any two groups)",
         "adjacent")
@@ -90,15 +99,18 @@ class AdapterConfig:
         self._check_choice("a_scope", A_SCOPES)
         self._check_choice("merge_candidates", CANDIDATES)
         self._check_choice("merge_distance", DISTANCES)
-        self._check_int("merge_start", 0)
-        self._check_int("merge_interval", 1)
-        self._check_int("merges_per_event", 1)
-        if self.merge_count is not None:
-            self._check_int("merge_count", 0)
-        if self.target_groups is not None:
-            self._check_int("target_groups", 1)
-        if self.merge_count is not None and self.target_groups is not None:
-            raise ValueError("AdapterConfig: set merge_count or target_groups, not both")
+        self._check_step("merge_start", 0)
+        self._check_step("merge_end", 1)
+        for name, minimum in (("merge_interval", 1), ("merges_per_event", 1), ("merge_count", 0),
+                              ("target_groups", 1)):
+            if getattr(self, name) is not None:
+                self._check_int(name, minimum)
+        if self.target_ratio is not None and not (isinstance(self.target_ratio, (int, float))
+                                                  and 0.0 < self.target_ratio <= 1.0):
+            raise ValueError(f"AdapterConfig.target_ratio must be in (0, 1], got {self.target_ratio!r}")
+        targets = [n for n in ("merge_count", "target_groups", "target_ratio") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise ValueError(f"AdapterConfig: set one of merge_count, target_groups, target_ratio; got {targets}")
         if not isinstance(self.merge_lam, (int, float)) or not 0.0 <= self.merge_lam <= 1.0:
             raise ValueError(f"AdapterConfig.merge_lam must be in [0, 1], got {self.merge_lam!r}")
 
@@ -127,6 +139,15 @@ class AdapterConfig:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"AdapterConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+    def _check_step(self, name: str, minimum: int) -> None:
+        """A step (an integer >= minimum) or a fraction of the run (a float in [0, 1])."""
+        value = getattr(self, name)
+        if isinstance(value, float):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"AdapterConfig.{name} as a fraction of the run must be in [0, 1], got {value!r}")
+        else:
+            self._check_int(name, minimum)
 
     def _check_targets(self) -> None:
         targets = self.target_modules

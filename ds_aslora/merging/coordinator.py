@@ -33,6 +33,7 @@ from ..adapters.inject import adapter_config
 from ..utils.ranks import rank_and_world
 from .merger import apply_ties, fold_group, layers_by_type
 from .policy import Merge, MergePolicy, update_running_means
+from .schedule import param_counts
 from .sharded_distance import FlatSlice, combine, gram_factor, local_terms
 from .zero_state import state_access
 
@@ -53,13 +54,15 @@ class MergeCoordinator:
         perturb_plan: test hook, applied to this rank's plan before the agreement check.
     """
 
-    def __init__(self, engine: Any, perturb_plan: Optional[Callable[[list[Merge]], list[Merge]]] = None):
+    def __init__(self, engine: Any, perturb_plan: Optional[Callable[[list[Merge]], list[Merge]]] = None,
+                 total_steps: Optional[int] = None):
         self.engine = engine
         self.cfg = adapter_config(engine.module)
         if self.cfg.method != "aslora":
             raise ValueError(f"merging needs method='aslora', the model has {self.cfg.method!r}")
         self.layers = layers_by_type(engine.module)
-        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()})
+        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()}, total_steps,
+                                  param_counts(engine.module))
         self.access = state_access(engine)
         if engine.zero_optimization_stage() == 3:
             self._keep_resident()
@@ -72,7 +75,7 @@ class MergeCoordinator:
         self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start, device=self.means_device)
                           for i in range(len(ls))} for m, ls in self.layers.items()}
         self.observations = 0
-        self.event_due = False
+        self.event_due = 0  # merges per module type due at a step the engine skipped (fp16 overflow)
         self.last_distances: dict[str, torch.Tensor] = {}  # squared, between the groups of last_groups
         self.last_groups: dict[str, list[tuple[int, ...]]] = {}
         self.perturb_plan = perturb_plan
@@ -98,11 +101,11 @@ class MergeCoordinator:
         if step == self._seen_step:  # not an accumulation boundary
             return []
         self._seen_step = step
-        due = self.event_due or self.policy.is_event(step)
+        due = self.event_due + self.policy.due(step)  # an event due at a skipped step comes with this one
         if not self.engine.was_step_applied():  # skipped on every rank alike
             self.event_due = due
             return []
-        self.event_due = False
+        self.event_due = 0
         self.observations += 1
         means, values = [], []
         for mtype, layers in self.layers.items():
@@ -113,7 +116,7 @@ class MergeCoordinator:
         if not due:
             return []
         self.last_distances = self.distances()
-        plan = self.policy.plan(step, self.last_distances)
+        plan = self.policy.plan(step, self.last_distances, due)
         if self.perturb_plan is not None:
             plan = self.perturb_plan(plan)
         self.verify(step, plan)
@@ -222,7 +225,7 @@ class MergeCoordinator:
         """Restore from ``state_dict()`` and the ``local_state_dict()`` of the saving job's ranks
         listed by ``saved_ranks_needed`` (``files[rank]``)."""
         self.policy.load_state_dict(state["policy"])
-        self.observations, self.event_due = state["observations"], state["event_due"]
+        self.observations, self.event_due = state["observations"], int(state["event_due"])
         self.last_distances = dict(state["last_distances"])
         self.last_groups = {m: [tuple(g) for g in gs] for m, gs in state.get("last_groups", {}).items()}
         self.means = {}

@@ -15,6 +15,7 @@ from torch import nn
 from ..adapters.inject import adapter_config, adapter_layers, module_type
 from ..adapters.layers import AdapterLinear
 from .policy import Merge, MergePolicy, blend, squared_distances, update_running_means
+from .schedule import param_counts
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -34,15 +35,18 @@ class LocalMerger:
     Args:
         model: a model injected with ``method="aslora"``.
         optimizer: the torch optimizer over its parameters (None: values only).
+        total_steps: the run's optimizer steps, for a schedule given as fractions of the run.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 total_steps: Optional[int] = None):
         self.cfg = adapter_config(model)
         if self.cfg.method != "aslora":
             raise ValueError(f"merging needs method='aslora', the model has {self.cfg.method!r}")
         self.layers = layers_by_type(model)
         self.optimizer = optimizer
-        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()})
+        self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()}, total_steps,
+                                  param_counts(model))
         self.means = {m: {i: torch.zeros_like(layer.lora_B, dtype=torch.float32)
                           for i, layer in enumerate(ls)} for m, ls in self.layers.items()}
         self.observations = 0
@@ -55,9 +59,10 @@ class LocalMerger:
         live = [(self.means[m][rep], ls[rep].lora_B) for m, ls in self.layers.items()
                 for rep in self.policy.representatives(m)]
         update_running_means([m for m, _ in live], [b for _, b in live], self.observations)
-        if not self.policy.is_event(step):
+        due = self.policy.due(step)
+        if not due:
             return []
-        plan = self.policy.plan(step, self.distances())
+        plan = self.policy.plan(step, self.distances(), due)
         for merge in plan:
             self._apply(merge)
         self.policy.apply(plan)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..adapters.config import AdapterConfig
+from .schedule import MergeSchedule, ParamCounts, build_schedule, final_groups
 
 
 @dataclass(frozen=True)
@@ -70,28 +71,45 @@ class MergePolicy:
     Args:
         cfg: the adapter config (merge_* knobs).
         num_layers: module type -> number of layers that own a B of that type.
+        total_steps: the run's optimizer steps (None: unknown; the schedule must then be given in
+            steps with a merge_interval).
+        counts: the model's parameter counts (``schedule.param_counts``), for ``target_ratio``.
     """
 
-    def __init__(self, cfg: AdapterConfig, num_layers: dict[str, int]):
+    def __init__(self, cfg: AdapterConfig, num_layers: dict[str, int], total_steps: Optional[int] = None,
+                 counts: Optional[ParamCounts] = None):
         self.cfg = cfg
         self.num_layers = dict(num_layers)
+        self.total_steps, self.counts = total_steps, counts
         self.groups: dict[str, list[tuple[int, ...]]] = {
             mtype: [(i,) for i in range(n)] for mtype, n in num_layers.items()}
         self.history: list[Merge] = []
+        self._schedule: Optional[MergeSchedule] = None
+        if total_steps is not None:  # fixed now: one that cannot reach its target fails before any step
+            self._schedule = build_schedule(cfg, self.num_layers, total_steps, counts)
 
     # -- schedule ---------------------------------------------------------------------
+    @property
+    def schedule(self) -> MergeSchedule:
+        """Built on first use (``ScheduleError`` if it cannot be), then fixed: a checkpoint keeps it."""
+        if self._schedule is None:
+            self._schedule = build_schedule(self.cfg, self.num_layers, self.total_steps, self.counts)
+        return self._schedule
+
     def merges_left(self, mtype: str) -> int:
-        live = len(self.groups[mtype])
-        floor = self.cfg.target_groups or 1
-        if self.cfg.merge_count is not None:
-            floor = max(floor, self.num_layers[mtype] - self.cfg.merge_count)
-        return max(0, live - floor)
+        """Merges of this module type before the target (which needs no run length)."""
+        final = (self._schedule.final_groups if self._schedule is not None
+                 else final_groups(self.cfg, self.num_layers, self.counts))
+        return max(0, len(self.groups[mtype]) - final[mtype])
+
+    def due(self, step: int) -> int:
+        """Merges per module type due at ``step`` (1-based count of applied optimizer steps)."""
+        if not any(self.merges_left(m) > 0 for m in self.groups):
+            return 0
+        return self.schedule.merges_at(step)
 
     def is_event(self, step: int) -> bool:
-        """True when ``step`` (1-based count of applied optimizer steps) is a merge event."""
-        start, interval = self.cfg.merge_start, self.cfg.merge_interval
-        return (step > start and (step - start) % interval == 0
-                and any(self.merges_left(m) > 0 for m in self.groups))
+        return self.due(step) > 0
 
     # -- decisions --------------------------------------------------------------------
     def representatives(self, mtype: str) -> list[int]:
@@ -105,12 +123,14 @@ class MergePolicy:
             return [(i, i + 1) for i in range(n - 1)]
         return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
-    def plan(self, step: int, sq_distances: dict[str, torch.Tensor]) -> list[Merge]:
-        """Merges for this event: per module type, the closest candidate pairs in order
-        (ties -> lower layers first), each group used at most once per event."""
+    def plan(self, step: int, sq_distances: dict[str, torch.Tensor], due: Optional[int] = None) -> list[Merge]:
+        """Merges for this event (``due`` per module type; default: the schedule's at ``step``): per
+        module type, the closest candidate pairs in order (ties -> lower layers first), each group
+        used at most once per event."""
+        due = self.due(step) if due is None else due
         plan: list[Merge] = []
         for mtype in sorted(self.groups):
-            budget = min(self.cfg.merges_per_event, self.merges_left(mtype))
+            budget = min(due, self.merges_left(mtype))
             if budget == 0:
                 continue
             dist = sq_distances[mtype]
@@ -153,7 +173,8 @@ class MergePolicy:
 
     def state_dict(self) -> dict:
         return {"groups": {m: [list(g) for g in gs] for m, gs in self.groups.items()},
-                "history": [asdict(m) for m in self.history]}
+                "history": [asdict(m) for m in self.history],
+                "schedule": self._schedule.state_dict() if self._schedule is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["groups"]) != set(self.groups):
@@ -162,3 +183,5 @@ class MergePolicy:
         self.groups = {m: [tuple(g) for g in gs] for m, gs in state["groups"].items()}
         self.history = [Merge(**{**m, "upper": tuple(m["upper"]), "lower": tuple(m["lower"])})
                         for m in state["history"]]
+        if state.get("schedule") is not None:  # a resumed run keeps the schedule it started with
+            self._schedule = MergeSchedule.from_state_dict(state["schedule"])

@@ -4,5 +4,6 @@
 ``activations`` (saved activations per decoder layer) and ``memory`` (the plan, checked against
 DeepSpeed's own estimators). ``launch/plan.py`` prints it.
 
-May import: ``adapters``, ``utils``. Not ``runtime``, ``export`` or ``train``.
+May import: ``merging`` (ASLoRA's schedule), ``adapters``, ``utils``. Not ``runtime``, ``export`` or
+``train``.
 """

@@ -38,7 +38,8 @@ from typing import Optional
 from torch import nn
 
 from ..adapters.count import count_after_merges, count_trainable
-from ..adapters.inject import adapter_config, adapter_layers, module_type
+from ..adapters.inject import adapter_config
+from ..merging.schedule import final_groups, owners_by_type, param_counts
 from .activations import ATTENTIONS, ActivationEstimate, activation_bytes
 from .inventory import (
     Inventory,
@@ -312,19 +313,12 @@ def deepspeed_estimator_checks(inv: Inventory, setup: TrainSetup) -> list[Estima
 
 
 def schedule_merges(model: nn.Module) -> int:
-    """Merges per module type ASLoRA's schedule stops at: merge_count, or down to
-    target_groups, or (neither set) down to one group."""
-    cfg = adapter_config(model)
-    per_type: dict[str, int] = {}
-    for name, layer in adapter_layers(model):
-        if layer.b_key is None:
-            per_type[module_type(name)] = per_type.get(module_type(name), 0) + 1
-    groups = max(per_type.values(), default=1)
-    if cfg.merge_count is not None:
-        return min(cfg.merge_count, groups - 1)
-    if cfg.target_groups is not None:
-        return max(groups - cfg.target_groups, 0)
-    return groups - 1
+    """Merges per module type at the end of ASLoRA's schedule: its target (merge_count,
+    target_groups, target_ratio, or down to one group), which a run always reaches (the job
+    refuses a schedule that cannot)."""
+    owners = owners_by_type(model)
+    final = final_groups(adapter_config(model), owners, param_counts(model))
+    return max((n - final[m] for m, n in owners.items()), default=0)
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, Optional[int]]:

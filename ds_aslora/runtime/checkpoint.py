@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import log_dist
 
+from ..adapters.config import AdapterConfig
 from ..adapters.inject import adapter_config
 from ..export.adapter import export_engine
 from ..merging.coordinator import MergeCoordinator
@@ -172,6 +173,17 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     return folder
 
 
+# ASLoRA's window: the schedule built from it is saved with the merge state, and a resumed run keeps it
+SCHEDULE_WINDOW = ("merge_start", "merge_end", "merge_interval", "merges_per_event")
+
+
+def comparable_adapter(values: dict) -> dict:
+    """What must match to resume: the adapter settings, a key an older checkpoint lacks taking its
+    default, without the schedule's window."""
+    defaults = AdapterConfig().to_dict()
+    return {k: values.get(k, defaults[k]) for k in defaults if k not in SCHEDULE_WINDOW}
+
+
 def check_resumable(load_dir: str, tag: Optional[str], *, world: int, stage: int, adapter: dict,
                     model: Optional[dict] = None) -> tuple[str, dict]:
     """Whether a job of ``world`` ranks at ZeRO ``stage`` with this adapter config (and base
@@ -196,10 +208,12 @@ def check_resumable(load_dir: str, tag: Optional[str], *, world: int, stage: int
                          f"checkpoint can change world size)")
     if model is not None and "model" in meta:
         check_same_model(tag, meta["model"], model)
-    if meta["adapter"] != adapter:
-        diff = sorted(k for k in set(adapter) | set(meta["adapter"]) if adapter.get(k) != meta["adapter"].get(k))
+    saved = comparable_adapter(meta["adapter"])
+    if saved != comparable_adapter(adapter):
+        here = comparable_adapter(adapter)
+        diff = sorted(k for k in set(here) | set(saved) if here.get(k) != saved.get(k))
         raise ValueError(f"checkpoint {tag!r} was trained with another adapter config: "
-                         + ", ".join(f"{k}={meta['adapter'].get(k)!r} there, {adapter.get(k)!r} here" for k in diff))
+                         + ", ".join(f"{k}={saved.get(k)!r} there, {here.get(k)!r} here" for k in diff))
     return tag, meta
 
 

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import datasets
 import numpy as np
 from datasets.fingerprint import Hasher
+from filelock import FileLock
 
 from ..utils.atomic import write_text
 from .assets import cache_root
@@ -223,10 +224,13 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
             out["n_targets"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
         return out
 
+    workers = _workers(num_proc, len(dataset))
+    if workers:  # forked workers: one tokenizer thread each, not a pool per worker (tokenizers warns otherwise)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenized = dataset.map(rows_to_tokens, batched=True, with_indices=True, remove_columns=dataset.column_names,
                             cache_file_name=_cache_file(cache_dir, "tokenized", key), load_from_cache_file=True,
                             new_fingerprint=key, desc=f"tokenizing {source}",
-                            num_proc=_workers(num_proc, len(dataset)))
+                            num_proc=workers)
     lengths, targets = int_column(tokenized, "length"), int_column(tokenized, "n_targets")
     too_long = int((lengths > max_seq_length).sum()) if max_seq_length is not None else 0
     if truncation == "refuse" and too_long:
@@ -317,8 +321,19 @@ def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Op
     if config.data is None:
         raise ValueError("no training data: set data (a .jsonl/.json/.csv/.parquet/.arrow file or a folder)")
     folder = os.path.join(cache_dir, f"prepared-{prepared_key(config, tokenizer, seed)}") if cache_dir else None
-    if folder and os.path.isfile(os.path.join(folder, PREPARED_META)):
+    if folder is None:
+        return _prepare(config, tokenizer, seed, None, None, num_proc)
+    if os.path.isfile(os.path.join(folder, PREPARED_META)):
         return _read_prepared(folder)
+    os.makedirs(cache_dir, exist_ok=True)
+    with FileLock(f"{folder}.lock"):  # jobs sharing a cache: one prepares, the others then read it
+        if os.path.isfile(os.path.join(folder, PREPARED_META)):
+            return _read_prepared(folder)
+        return _prepare(config, tokenizer, seed, cache_dir, folder, num_proc)
+
+
+def _prepare(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Optional[str], folder: Optional[str],
+             num_proc: Optional[int]) -> PreparedData:
     workers = num_proc if num_proc is not None else config.preprocessing_num_workers
     work = f"{folder}.work" if folder else None  # the tokenising maps' shards; kept until complete
     train, fmt = _load_files(config.data, config.format, cache_dir)

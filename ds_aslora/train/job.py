@@ -22,6 +22,7 @@ from ..adapters.count import count_trainable
 from ..adapters.inject import inject_adapters
 from ..export.adapter import export_engine
 from ..merging.coordinator import MergeCoordinator
+from ..merging.schedule import ScheduleError, model_schedule
 from ..runtime.checkpoint import (
     LATEST,
     CheckpointError,
@@ -233,6 +234,29 @@ def base_config(model: str, trust_remote_code: bool) -> Any:
     return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
+def check_schedule_fits(merger: MergeCoordinator, max_steps: int) -> None:
+    """A resumed ASLoRA run keeps the schedule it started with; a max_steps that ends before its
+    last merge would leave merges undone."""
+    events = merger.policy.schedule.events
+    if events and events[-1][0] > max_steps and any(merger.policy.merges_left(m) for m in merger.policy.groups):
+        raise ConfigError(f"the checkpoint's ASLoRA schedule merges until step {events[-1][0]}, after max_steps="
+                          f"{max_steps}: resume with max_steps >= {events[-1][0]} (a resumed run keeps its schedule)")
+
+
+def check_aslora_schedule(run: RunConfig, config: Any, max_steps: int) -> None:
+    """ASLoRA's schedule on the base model's shape (a meta model: no weights): ConfigError when the
+    schedule asked for cannot reach its target, before the model loads."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=run.model.trust_remote_code)
+    inject_adapters(model, run.adapter)
+    try:
+        model_schedule(model, max_steps)
+    except ScheduleError as err:
+        raise ConfigError(str(err)) from None
+
+
 def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
     """Tokenise (and pack) once, before the model loads: global rank 0 first (a cache on a shared
     disk is then ready for everyone), then the first rank of every other node (node-local
@@ -315,6 +339,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
             f"batch {derived.global_batch_size} -> {derived.max_steps} steps")
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=config.hidden_size)
+    if run.adapter.method == "aslora" and resume_from is None:  # refused before the model loads (a resumed
+        check_aslora_schedule(run, config, derived.max_steps)      # run keeps the schedule it started with)
     model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
                                    trust_remote_code=run.model.trust_remote_code)
     source = model_path
@@ -327,7 +353,9 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     shared_mode = "engine" if run.adapter.method == "sharelora" and run.adapter.share == "AB" else "replicated"
     engine, bank = initialize(model, ds_config, shared_mode=shared_mode,
                               lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
-    merger = MergeCoordinator(engine) if run.adapter.method == "aslora" else None
+    merger = None
+    if run.adapter.method == "aslora":  # resuming: the checkpoint's schedule, not one for this max_steps
+        merger = MergeCoordinator(engine, total_steps=None if resume_from is not None else derived.max_steps)
     ckpt_dir = os.path.join(out, CHECKPOINTS)
     if resume_from is None and run.checkpoint.overwrite_output_dir and rank == 0:
         for name in (CHECKPOINTS, RUNS, ADAPTER):  # the previous run's, not mixed into this one's
@@ -336,6 +364,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
         check_same_data(client.get("data", {}), data_identity(run, derived, data))
+        if merger is not None:
+            check_schedule_fits(merger, derived.max_steps)
         if rank == 0 and os.path.abspath(resume_from[0]) == os.path.abspath(ckpt_dir):
             # resuming an older checkpoint of this run: it becomes the line saves continue
             # (later folders are set aside when a save reaches their step)
@@ -348,6 +378,10 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     logger = RunLogger(out, derived.run_name, enabled=rank == 0,
                        purge_step=engine.global_steps + 1 if resume_from is not None else None)
     logger.text("config/run", engine.global_steps, "```\n" + json.dumps(run.to_dict(), indent=1, default=str) + "\n```")
+    if merger is not None:  # the schedule in force (a resumed run's is the one it started with)
+        schedule = merger.policy.schedule.describe(merger.policy.num_layers, merger.policy.counts)
+        say(schedule)
+        logger.text("aslora/schedule", engine.global_steps, schedule)
 
     return Setup(run=run, derived=derived, engine=engine, bank=bank, merger=merger, tokenizer=tokenizer,
                  data=data, source=source, keep_alive=keep_alive, logger=logger, ckpt_dir=ckpt_dir, started=started)

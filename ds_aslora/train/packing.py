@@ -19,6 +19,7 @@ from typing import Optional
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -79,7 +80,9 @@ def pack(dataset: datasets.Dataset, block_size: int, *, batch_size: Optional[int
     """Tokenised rows (``input_ids``, ``labels``, ``n_targets``) -> blocks with ``input_ids``,
     ``labels``, ``sample_lengths``, ``length`` and ``n_targets``. ``batch_size`` blocks are built
     per call (None: all in one call, the reference the batched path must equal)."""
-    lengths = dataset.with_format("arrow")["input_ids"].combine_chunks().value_lengths().to_numpy()
+    lengths = np.concatenate([np.zeros(0, np.int64)] + [  # streamed in batches: never every token at once
+        pc.list_value_length(batch["input_ids"]).to_numpy().astype(np.int64)
+        for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=50_000)])
     block_of = best_fit_decreasing(lengths, block_size)
     order = np.argsort(block_of, kind="stable")  # rows block by block, in row order within a block
     starts = np.searchsorted(block_of[order], np.arange(int(block_of.max(initial=-1)) + 2))

@@ -7,7 +7,7 @@ rendered once and encoded once; its replies are located through the offset mappi
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -78,6 +78,10 @@ class Renderer:
         self.prefix = _default_prefix(tokenizer)
         self.template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
         self.offsets = bool(getattr(tokenizer, "is_fast", False))  # offset mappings locate chat turns
+        self._render: Optional[Callable[..., str]] = None  # built on first use, in each worker process
+
+    def __getstate__(self) -> dict:  # to worker processes: the compiled template does not pickle
+        return {**self.__dict__, "_render": None}
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -115,18 +119,44 @@ class Renderer:
         return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
+    def _fast_render(self) -> Callable[[list[dict[str, str]], bool], str]:
+        """``render`` without ``apply_chat_template``'s per-call overhead (message normalisation,
+        argument checks: more than the template itself on short turns): the compiled template
+        called as transformers calls it, on our plain {role, content} dicts. Used only when it
+        renders a probe conversation exactly as ``render`` does; otherwise ``render`` itself."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+            kwargs = dict(self.tok.special_tokens_map)
+
+            def fast(messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+                return compiled.render(messages=messages, tools=None, documents=None,
+                                       add_generation_prompt=generation_prompt, **kwargs)
+
+            probe = [{"role": "user", "content": " a b "}, {"role": "assistant", "content": "c\n"},
+                     {"role": "user", "content": "d"}]
+            if all(fast(probe[:k], g) == self.render(probe[:k], g) for k, g in ((1, True), (2, False), (3, True))):
+                return fast
+        except Exception:  # another transformers, or a template that refuses the probe: the public path
+            pass
+        return self.render
+
     def _spans(self, messages: list[dict[str, str]], index: int) -> tuple[str, list[tuple[str, str]]]:
         """The whole conversation rendered once, and per assistant reply the renderings that
         bound it: the conversation up to turn i with the generation prompt is where reply i
         starts; up to and including turn i is where it ends (the template's end-of-turn
         included). Rendering is text only: nothing here is encoded."""
-        full = self.render(messages)
+        if self._render is None:
+            self._render = self._fast_render()
+        render = self._render
+        full = render(messages)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or self.train_on_prompt:
                 continue
-            start_text = self.render(messages[:i], generation_prompt=True) if i else ""
-            end_text = self.render(messages[:i + 1])
+            start_text = render(messages[:i], True) if i else ""
+            end_text = render(messages[:i + 1])
             if not (end_text.startswith(start_text) and full.startswith(end_text)):
                 raise ValueError(
                     f"row {index}: the chat template does not render turn by turn (the conversation up to turn "

@@ -293,6 +293,19 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"{where}: expected 'all-linear' or module names, got {value!r}")
+    if hint == Union[int, float]:  # a step or a fraction of the run: "300" is a step, "0.1" a fraction
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    pass
+        if isinstance(value, float) and value > 1 and value.is_integer():  # YAML's 1e3: a step, not a fraction
+            return int(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected a step (integer) or a fraction of the run (float), got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
