@@ -38,13 +38,12 @@ def two_nodes(assets, out, *args):
 @pytest.mark.slow
 def test_two_nodes_of_two_ranks_train_and_resume(assets):
     out = assets["root"] / "two-nodes"
-    first = two_nodes(assets, out, "--method", "aslora", "--merge_start", "1", "--merge_interval", "1",
-                      "--max_steps", "2", "--save_interval", "2")
+    aslora = ["--method", "aslora", "--merge_start", "1", "--merge_interval", "1", "--target_groups", "3"]
+    first = two_nodes(assets, out, *aslora, "--max_steps", "2", "--save_interval", "2")
     assert "global batch 8 (2 x 1 x 4 ranks)" in first
     states = sorted(f for f in os.listdir(out / "checkpoints" / "global_step2") if f.endswith("optim_states.pt"))
     assert len(states) == 4  # one ZeRO-3 partition per rank of both nodes
-    resumed = two_nodes(assets, out, "--method", "aslora", "--merge_start", "1", "--merge_interval", "1",
-                        "--max_steps", "4", "--save_interval", "2", "--resume", "auto")
+    resumed = two_nodes(assets, out, *aslora, "--max_steps", "4", "--save_interval", "2", "--resume", "auto")
     assert "resumed from" in resumed and "at step 2" in resumed
     assert (out / "checkpoints" / "latest").read_text() == "global_step4"
 
