@@ -197,6 +197,22 @@ def _shares(merges: int, n: int, groups: int, candidates: str) -> Optional[list[
     return sizes if merges == 0 else None
 
 
+def _even_steps(steps: int, n: int, start: int) -> list[int]:
+    """``n`` evenly spaced steps after ``start``, the last at ``start + steps``."""
+    return [start + math.ceil((k + 1) * steps / n) for k in range(n)]
+
+
+def _fill(steps: list[int], per: int, merges: int) -> tuple[tuple[int, int], ...]:
+    """``per`` merges at each of ``steps`` in turn until ``merges`` are placed."""
+    out = []
+    for step in steps:
+        if merges == 0:
+            break
+        out.append((step, min(per, merges)))
+        merges -= out[-1][1]
+    return tuple(out)
+
+
 def _spread(steps: int, merges: int, start: int, groups: int, candidates: str,
             fits: Callable[[list[int]], bool]) -> tuple[tuple[int, int], ...]:
     """``merges`` over the ``steps`` steps after ``start``: evenly spaced events ending at the
@@ -204,7 +220,7 @@ def _spread(steps: int, merges: int, start: int, groups: int, candidates: str,
     for n in range(min(merges, steps), steps + 1):
         sizes = _shares(merges, n, groups, candidates)
         if sizes is not None and fits(sizes):
-            return tuple((start + math.ceil((k + 1) * steps / n), size) for k, size in enumerate(sizes))
+            return tuple(zip(_even_steps(steps, n, start), sizes, strict=True))
     raise ScheduleError(f"{merges} merges per module type do not fit in a merge window of {steps} steps (an event "
                         f"merges disjoint pairs of groups, as few as a third of them): widen it (merge_start, "
                         f"merge_end) or aim at more groups (target_groups, target_ratio)")
@@ -250,12 +266,7 @@ def build_schedule(cfg: AdapterConfig, num_layers: dict[str, int], total_steps: 
             raise ScheduleError(f"merges_per_event={per_event} needs {events} merge events for {needed} merges per "
                                 f"module type, but the window (steps {start} to {end}) has {window} steps; "
                                 f"merges_per_event={math.ceil(needed / window)} would fit")
-        spread = tuple((start + math.ceil((k + 1) * window / events), per_event) for k in range(events))
-        left, out = needed, []
-        for step, _ in spread:
-            out.append((step, min(per_event, left)))
-            left -= out[-1][1]
-        return MergeSchedule(tuple(out), final)
+        return MergeSchedule(_fill(_even_steps(window, events, start), per_event, needed), final)
     steps = list(range(start + interval, end + 1, interval))
     per = per_event if per_event is not None else (math.ceil(needed / len(steps)) if steps else 1)
     if len(steps) * per >= needed and not fits([per] * math.ceil(needed / per)):
@@ -276,10 +287,4 @@ def build_schedule(cfg: AdapterConfig, num_layers: dict[str, int], total_steps: 
                             f"{len(steps)} merge events (merge_start={start}, merge_interval={interval}, "
                             f"merge_end={end}) x merges_per_event={per} = {len(steps) * per} merges, {needed} "
                             f"needed; " + " or ".join(ways) + " would")
-    left, out = needed, []
-    for step in steps:
-        if left == 0:
-            break
-        out.append((step, min(per, left)))
-        left -= out[-1][1]
-    return MergeSchedule(tuple(out), final)
+    return MergeSchedule(_fill(steps, per, needed), final)
