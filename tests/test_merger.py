@@ -108,3 +108,24 @@ def test_merger_needs_aslora():
     with pytest.raises(ValueError, match="aslora"):
         LocalMerger(inject_adapters(tiny_model(), AdapterConfig(method="sharelora")))
     assert layers_by_type(inject_adapters(tiny_model(), AdapterConfig(method="sharelora", share="B"))) == {}
+
+
+def test_static_grouping_ties_contiguous_blocks_from_the_first_step_and_never_merges():
+    cfg = AdapterConfig(method="aslora", r=4, alpha=8, target_modules=["q_proj", "v_proj"], target_groups=1,
+                        merge_grouping="static")
+    base = tiny_model()
+    model = inject_adapters(copy.deepcopy(base), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    merger = LocalMerger(model, opt, total_steps=6)
+    ids = tokens(batch=4, length=16)
+    for step in range(1, 7):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert merger.after_step(step) == []
+    for layers in merger.layers.values():  # one block: every layer computes with the top layer's B
+        top = layers[-1]
+        assert all(layer.weight_B is top.lora_B for layer in layers) and torch.count_nonzero(top.lora_B) > 0
+        assert all(torch.count_nonzero(layer.lora_B) == 0 for layer in layers[:-1])  # never trained
+    torch.testing.assert_close(model(ids).logits, folded_reference(base, model)(ids).logits, rtol=1e-5, atol=1e-5)
+    assert count_trainable(model) == 4 * 32 * 2 + 4 * 32 + 4 * 16  # A_q, A_v + one B group each

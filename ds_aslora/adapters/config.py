@@ -14,6 +14,7 @@ SHARES = ("A", "B", "AB")
 SCOPES = ("module", "qkv")
 A_SCOPES = ("module", "in_dim")
 CANDIDATES = ("adjacent", "all")
+GROUPINGS = ("adaptive", "static")
 DISTANCES = ("raw", "effective")
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -71,6 +72,10 @@ class AdapterConfig:
     merge_candidates: str = _help(
         "aslora: adjacent (groups stay contiguous layer blocks) | all (any two groups)",
         "adjacent")
+    merge_grouping: str = _help(
+        "aslora: adaptive (groups merge during training, closest first) | static (the target's groups "
+        "are equal blocks of contiguous layers from the first step, no merges: the ablation baseline)",
+        "adaptive")
     merge_distance: str = _help(
         "aslora: raw = ||mean(B_i) - mean(B_j)||_F (the paper) | effective = "
         "||(mean(B_i) - mean(B_j)) A||_F (invariant to the A/B gauge)", "raw")
@@ -98,6 +103,7 @@ class AdapterConfig:
         self._check_targets()
         self._check_choice("a_scope", A_SCOPES)
         self._check_choice("merge_candidates", CANDIDATES)
+        self._check_choice("merge_grouping", GROUPINGS)
         self._check_choice("merge_distance", DISTANCES)
         self._check_step("merge_start", 0)
         self._check_step("merge_end", 1)

@@ -63,6 +63,7 @@ class MergeCoordinator:
         self.layers = layers_by_type(engine.module)
         self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()}, total_steps,
                                   param_counts(engine.module))
+        apply_ties(self.layers, self.policy)  # merge_grouping=static: its blocks share a B from the start
         self.access = state_access(engine)
         if engine.zero_optimization_stage() == 3:
             self._keep_resident()

@@ -47,6 +47,7 @@ class LocalMerger:
         self.optimizer = optimizer
         self.policy = MergePolicy(self.cfg, {m: len(ls) for m, ls in self.layers.items()}, total_steps,
                                   param_counts(model))
+        apply_ties(self.layers, self.policy)  # merge_grouping=static: its blocks share a B from the start
         self.means = {m: {i: torch.zeros_like(layer.lora_B, dtype=torch.float32)
                           for i, layer in enumerate(ls)} for m, ls in self.layers.items()}
         self.observations = 0

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..adapters.config import AdapterConfig
-from .schedule import MergeSchedule, ParamCounts, build_schedule, final_groups
+from .schedule import MergeSchedule, ParamCounts, build_schedule, contiguous_blocks, final_groups
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ class MergePolicy:
         self.total_steps, self.counts = total_steps, counts
         self.groups: dict[str, list[tuple[int, ...]]] = {
             mtype: [(i,) for i in range(n)] for mtype, n in num_layers.items()}
+        if cfg.merge_grouping == "static":  # the target's groups from the start: blocks, not merges
+            final = final_groups(cfg, self.num_layers, counts)
+            self.groups = {mtype: contiguous_blocks(n, final[mtype]) for mtype, n in num_layers.items()}
         self.history: list[Merge] = []
         self._schedule: Optional[MergeSchedule] = None
         if total_steps is not None:  # fixed now: one that cannot reach its target fails before any step

@@ -49,6 +49,7 @@ class MergeSchedule:
     final_groups: dict[str, int]
     # No run length: (merge_start, merge_interval, merges_per_event), events until the target
     every: Optional[tuple[int, int, int]] = None
+    static: bool = False  # the final groups are fixed blocks from the first step (merge_grouping=static)
 
     @property
     def bounded(self) -> bool:
@@ -65,7 +66,10 @@ class MergeSchedule:
         if not self.bounded:
             return f"ASLoRA schedule: unbounded (no run length), down to {_groups(self.final_groups)} B groups"
         total = sum(n - self.final_groups[m] for m, n in num_layers.items())
-        if not self.events:
+        if self.static:
+            text = (f"ASLoRA static grouping: {_groups(self.final_groups)} blocks of contiguous layers per module "
+                    "type share a B from the first step (no merges)")
+        elif not self.events:
             text = "ASLoRA schedule: no merges"
         else:
             steps = [s for s, _ in self.events]
@@ -81,13 +85,25 @@ class MergeSchedule:
 
     def state_dict(self) -> dict:
         return {"events": [list(e) for e in self.events], "final_groups": dict(self.final_groups),
-                "every": list(self.every) if self.every is not None else None}
+                "every": list(self.every) if self.every is not None else None, "static": self.static}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MergeSchedule":
         every = state["every"]
         return cls(tuple((int(s), int(k)) for s, k in state["events"]), dict(state["final_groups"]),
-                   tuple(int(v) for v in every) if every is not None else None)
+                   tuple(int(v) for v in every) if every is not None else None, bool(state.get("static", False)))
+
+
+def contiguous_blocks(layers: int, groups: int) -> list[tuple[int, ...]]:
+    """``layers`` positions cut into ``groups`` contiguous blocks whose sizes differ by at most one
+    (the larger ones first)."""
+    size, extra = divmod(layers, groups)
+    out, start = [], 0
+    for k in range(groups):
+        stop = start + size + (k < extra)
+        out.append(tuple(range(start, stop)))
+        start = stop
+    return out
 
 
 def owners_by_type(model: nn.Module) -> dict[str, int]:
@@ -231,6 +247,8 @@ def build_schedule(cfg: AdapterConfig, num_layers: dict[str, int], total_steps: 
     """The schedule of a run of ``total_steps`` optimizer steps (None: unknown, see the module
     docstring); ``ScheduleError`` when the numbers given cannot work."""
     final = final_groups(cfg, num_layers, counts)
+    if cfg.merge_grouping == "static":
+        return MergeSchedule((), final, static=True)
     needed = max((n - final[m] for m, n in num_layers.items()), default=0)
     start = resolve_step(cfg.merge_start, total_steps)
     end = resolve_step(cfg.merge_end, total_steps)
