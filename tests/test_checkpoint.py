@@ -222,6 +222,48 @@ def test_a_resumed_rank_reads_only_the_running_means_its_slices_need(tmp_path):
                                                      ["merge_means_rank00002.pt", "merge_means_rank00003.pt"]]
 
 
+def load_locations(rank, stage, ckpt_dir):
+    """Load ``ckpt_dir``; return (file, map_location) of every file read, and the storage locations
+    recorded in rank 0's module-state file (where client_state lives)."""
+    import deepspeed.comm as dist
+
+    from ds_aslora.merging.coordinator import MergeCoordinator
+    from ds_aslora.runtime.checkpoint import load_checkpoint
+    from ds_aslora.runtime.engine import initialize
+
+    reads, load = [], torch.load
+
+    def spy(path, *args, map_location=None, **kwargs):
+        reads.append((os.path.basename(str(path)), str(map_location)))
+        return load(path, *args, map_location=map_location, **kwargs)
+
+    engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, dist.get_world_size()))
+    merger = MergeCoordinator(engine)
+    torch.load = spy
+    try:
+        load_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
+    finally:
+        torch.load = load
+    saved = set()
+    folder = os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read().strip())
+    torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), weights_only=False,
+               map_location=lambda storage, where: saved.add(where) or storage)
+    return reads, saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_every_rank_reads_checkpoint_files_onto_the_cpu(tmp_path, stage):
+    # DeepSpeed reads rank 0's module-state file (client_state: bank and merge state) with an identity
+    # map_location: tensors saved from cuda:0 would land on cuda:0 on every rank of the node.
+    ckpt = str(tmp_path / "ckpt")
+    run_ranks(job, 2, stage, 1, ckpt, "first")
+    for reads, saved in run_ranks(load_locations, 2, stage, ckpt):
+        assert any(name == "mp_rank_00_model_states.pt" for name, _ in reads)
+        assert all(where == "cpu" for _, where in reads), reads
+        assert saved == {"cpu"}
+
+
 class _Payload:
     """Unpickling this runs code: what a crafted checkpoint file would do."""
 

@@ -7,6 +7,7 @@ import torch
 from conftest import randomize_adapters, tiny_model, tokens
 
 from ds_aslora import AdapterConfig, adapter_layers, inject_adapters
+from ds_aslora.merging.merger import layers_by_type
 
 CASES = [
     dict(method="lora"),
@@ -64,3 +65,19 @@ def test_dropout_applies_to_the_adapter_input_only_in_training():
     model.train()
     torch.manual_seed(0)
     assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_retired_b_gets_an_exact_zero_gradient_even_when_its_sum_would_overflow(dtype):
+    cfg = AdapterConfig(method="aslora", r=4, alpha=8, target_modules=["q_proj"])
+    model = inject_adapters(tiny_model(), cfg).to(dtype)
+    layers = layers_by_type(model)["q_proj"]
+    with torch.no_grad():
+        layers[0].lora_B.fill_(60000.0 if dtype == torch.float16 else 3e38)  # its sum is inf in this dtype
+    assert not torch.isfinite(layers[0].lora_B.sum())
+    layers[0].tie_to(layers[1])
+    ids = tokens()
+    model(ids, labels=ids).loss.backward()
+    out = model.model.layers[0].self_attn.q_proj(torch.ones(1, 3, 32, dtype=dtype))
+    assert torch.isfinite(out).all()
+    assert torch.count_nonzero(layers[0].lora_B.grad) == 0 and torch.isfinite(layers[1].lora_B.grad).all()

@@ -29,7 +29,7 @@ def test_partial_terms_sum_to_the_full_distance(d_out, r, world, effective):
     factor = gram_factor(A) if effective else None
     slices = [FlatSlice(numel=d_out * r, row=r, rank=q, world=world) for q in range(world)]
     summed = sum(local_terms([s.take(m) for m in means], pairs, s, factor) for s in slices)
-    got = combine(summed, len(pairs), slices[0], effective)
+    got = combine(summed, pairs, len(means), slices[0], effective)
     expected = squared_distances(means, A @ A.T if effective else None)
     # raw: the same float32 differences, so only float64 summation order differs;
     # effective: A A^T factored in float64 instead of multiplied in float32
@@ -41,3 +41,17 @@ def test_gram_factor_handles_rank_deficient_A():
     A = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))  # r > d_in: A A^T singular
     L = gram_factor(A)
     torch.testing.assert_close(L @ L.T, A.double() @ A.double().T, rtol=1e-10, atol=1e-10)
+
+
+def test_the_event_vector_stays_small_at_384_ranks():
+    # 80 groups (70B), r=64, d_out 8192 (q/o_proj), 384 ranks: every slice boundary cuts a row. Per pair,
+    # the cut rows' projections would be 3,160 pairs x 383 cuts x 64 x 8 bytes = 620 MB per module type.
+    groups, r, d_out, world = 80, 64, 8192, 384
+    where = FlatSlice(numel=d_out * r, row=r, rank=5, world=world)
+    cuts = len(where.cut_rows())
+    assert cuts > 300
+    means = [torch.zeros(where.stop - where.start) for _ in range(groups)]
+    pairs = list(itertools.combinations(range(groups), 2))
+    terms = local_terms(means, pairs, where, torch.eye(r, dtype=torch.float64))
+    assert terms.numel() == len(pairs) + groups * cuts * r
+    assert terms.numel() * 8 < 17e6  # bytes all-reduced per module type and event

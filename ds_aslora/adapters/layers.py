@@ -101,7 +101,8 @@ class AdapterLinear(nn.Module):
             # A retired B keeps a zero-weight use: every ZeRO stage then gives it an exact zero
             # gradient (ZeRO-3 would re-apply the last gradient partition of a parameter that
             # stops being used, every step), and ZeRO-3's fetch trace does not change at a merge.
-            delta = delta + self.lora_B.sum().to(dtype) * 0.0
+            # One element, not a sum: a half-precision sum can overflow to inf, and inf * 0 is NaN.
+            delta = delta + self.lora_B.reshape(-1)[0].to(dtype) * 0.0
         return (result + delta * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -150,7 +150,7 @@ class MergeCoordinator:
             n = len(self.policy.groups[mtype])
             matrix = torch.full((n, n), float("inf"), dtype=torch.float64)
             lower, upper = torch.tensor(pairs[mtype], dtype=torch.long).reshape(-1, 2).unbind(1)
-            values = combine(chunk, len(pairs[mtype]), self.slices[mtype], effective)
+            values = combine(chunk, pairs[mtype], n, self.slices[mtype], effective)
             matrix[lower, upper] = matrix[upper, lower] = values
             out[mtype] = matrix
         return out

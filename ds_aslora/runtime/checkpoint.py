@@ -16,12 +16,13 @@ needs a filesystem every rank shares (DeepSpeed's node-local storage mode is ref
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import socket
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -133,6 +134,33 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+def on_cpu(state: Any) -> Any:
+    """``state`` with every tensor on the CPU. ``client_state`` lands in rank 0's module-state file,
+    which every rank reads back: an accelerator tensor in it would be created on rank 0's device
+    (cuda:0) by every rank of the node."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
+
+
+@contextlib.contextmanager
+def _reads_to_cpu(engine: Any) -> Iterator[None]:
+    """DeepSpeed reads its module-state file with an identity ``map_location`` (state_dict_factory),
+    so a tensor saved from cuda:0 is restored onto cuda:0 by every rank: read every file onto the
+    CPU instead (module parameters and optimizer states are copied to their own devices after)."""
+    checkpoint_engine = engine.checkpoint_engine
+    load = checkpoint_engine.load
+    checkpoint_engine.load = lambda path, map_location=None: load(path, map_location="cpu")
+    try:
+        yield
+    finally:
+        checkpoint_engine.load = load
+
+
 def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, bank: Optional[ReplicatedBank] = None,
                     merger: Optional[MergeCoordinator] = None, client_state: Optional[dict] = None,
                     export_adapter: bool = False) -> str:
@@ -153,9 +181,9 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     if export_adapter:
         export_engine(engine, compact_dir=os.path.join(folder, ADAPTER_DIR))
     if bank is not None:
-        state["shared_bank"] = bank.state_dict()
+        state["shared_bank"] = on_cpu(bank.state_dict())
     if merger is not None:
-        state["merge"] = merger.state_dict()
+        state["merge"] = on_cpu(merger.state_dict())
         means = merger.local_state_dict()
         atomic_write(os.path.join(folder, MEANS_FILE.format(rank=rank)), lambda tmp: torch.save(means, tmp))
     # DeepSpeed's own ``latest`` is written by rank 0 without waiting for the other ranks'
@@ -248,7 +276,7 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
         tag, meta = _check(load_dir, tag, engine, world, bank, merger)
         rng_file = os.path.join(load_dir, tag, RNG_FILE.format(rank=rank))
         if meta["world_size"] == world and os.path.isfile(rng_file):
-            rng = torch.load(rng_file, weights_only=True)  # tensors and tuples only: nothing is unpickled
+            rng = torch.load(rng_file, map_location="cpu", weights_only=True)  # tensors and tuples: nothing unpickled
         if merger is not None:
             means = {r: torch.load(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r)), map_location="cpu",
                                    weights_only=True) for r in merger.saved_ranks_needed(meta["world_size"])}
@@ -256,7 +284,8 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
         error = f"{type(err).__name__}: {err}".split("\n")[0]
     raise_together(error, CheckpointError)
-    path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
+    with _reads_to_cpu(engine):
+        path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
     if path is None or engine.global_steps != meta["global_steps"]:
         raise CheckpointError(f"DeepSpeed did not restore {os.path.join(load_dir, tag)!r} (step {engine.global_steps}, "
                               f"expected {meta['global_steps']})")

@@ -47,19 +47,19 @@ from .model_setup import (
     load_tokenizer,
     resolve_model_path,
 )
+from .render import Renderer
 from .resolved import deepspeed_config, derive, lr_at, save_resolved
 from .run_config import ConfigError, RunConfig, parse_run_config
 from .tensorboard_log import RunLogger
 
 CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"
-SAMPLE_PROMPT = "ROMEO:\n"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU.
 # Each applies only where the user left the field at its default.
 EMBEDDED = {"data": {"format": "text", "packing": True, "max_seq_length": 256},
             "training": {"max_steps": 40, "learning_rate": 1e-3, "micro_batch_size": 2, "eval_interval": 20,
                          "eval_batches": 8},
             "model": {"activation_checkpointing": False},
-            "logging": {"log_interval": 5},
+            "logging": {"log_interval": 5, "sample_prompt": "ROMEO:\n"},
             "checkpoint": {"save_interval": 0}}
 
 
@@ -442,21 +442,27 @@ def execute(s: Setup) -> dict:
     export_engine(engine, peft_dir=os.path.join(out, ADAPTER, "peft"),
                   compact_dir=os.path.join(out, ADAPTER, "compact"),
                   base_model_name_or_path=None if source == TINY else os.path.abspath(source))
-    sample = generate(engine, tokenizer, SAMPLE_PROMPT)
-    if rank == 0:
-        with open(os.path.join(out, "sample.txt"), "w") as f:
-            f.write(sample + "\n")
-    logger.text("sample", engine.global_steps, sample)
     # DeepSpeed counts a step the fp16 loss scaler skipped in global_steps; the adapters moved steps - skipped times
-    summary.update(sample=sample, wall_seconds=time.time() - s.started, steps=engine.global_steps,
-                   skipped_steps=engine.skipped_steps)
+    summary.update(wall_seconds=time.time() - s.started, steps=engine.global_steps, skipped_steps=engine.skipped_steps)
     if merger is not None:
         summary["live_B_groups"] = merger.policy.live_groups()
         summary["trainable_after_merges"] = count_trainable(engine.module)
-    if rank == 0:  # the run's figures for scripts (bench/quality.py reads it)
-        write_text(os.path.join(out, SUMMARY), json.dumps(summary, indent=2) + "\n")
+    write_summary(out, summary)  # before the sample: a sample that fails or hangs loses nothing
+    if run.logging.sample_prompt:
+        sample = generate(engine, tokenizer, Renderer(tokenizer, data.format, False).prompt(run.logging.sample_prompt))
+        if rank == 0:
+            write_text(os.path.join(out, "sample.txt"), sample + "\n")
+        logger.text("sample", engine.global_steps, sample)
+        summary["sample"] = sample
+        write_summary(out, summary)
     logger.close()
     return summary
+
+
+def write_summary(out: str, summary: dict) -> None:
+    """The run's figures for scripts (bench/quality.py reads them); rank 0 writes."""
+    if rank_and_world()[0] == 0:
+        write_text(os.path.join(out, SUMMARY), json.dumps(summary, indent=2) + "\n")
 
 
 def report(summary: dict) -> None:
@@ -465,7 +471,8 @@ def report(summary: dict) -> None:
     if summary.get("skipped_steps"):
         say(f"{summary['skipped_steps']} of {summary['steps']} steps were skipped by the fp16 loss scaler (gradient "
             f"overflow): the adapters were updated {summary['steps'] - summary['skipped_steps']} times")
-    say(f"sample: {summary['sample']!r}")
+    if "sample" in summary:
+        say(f"sample: {summary['sample']!r}")
     say(f"done in {summary['wall_seconds']:.0f} s ({summary['steps']} steps); adapters in "
         f"{os.path.join(summary['output_dir'], ADAPTER)}; TensorBoard: tensorboard --logdir "
         f"{os.path.join(summary['output_dir'], RUNS)}")

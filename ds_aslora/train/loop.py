@@ -104,19 +104,17 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 @torch.no_grad()
-def generate(engine: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 48) -> str:
-    """Greedy continuation, run by every rank alike (ZeRO-3 forwards are collective)."""
+def generate(engine: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 48) -> str:
+    """Greedy continuation with the KV cache, run by every rank alike: under ZeRO-3 the forwards are
+    collective, so ranks that finish early keep stepping until all have (``synced_gpus``)."""
     engine.eval()
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(engine.device)
-    for _ in range(max_new_tokens):
-        next_id = engine(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-        if rank_and_world()[1] > 1:  # rank 0's choice: ranks must not diverge into different forwards
-            dist.broadcast(next_id, src=0)
-        ids = torch.cat([ids, next_id], dim=1)
-        if tokenizer.eos_token_id is not None and int(next_id) == tokenizer.eos_token_id:
-            break
+    ids = torch.tensor([prompt_ids], device=engine.device)
+    with torch.no_grad():
+        out = engine.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     synced_gpus=engine.zero_optimization_stage() == 3 and rank_and_world()[1] > 1)
     engine.train()
-    return tokenizer.decode(ids[0], skip_special_tokens=True)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 def _log_merges(job: Job, step: int, merges: list) -> None:

@@ -107,6 +107,15 @@ class Renderer:
                                            [row["completion"] or "" for row in rows])
         return self._chat([_messages(row, index) for row, index in zip(rows, indices, strict=True)], indices)
 
+    def prompt(self, text: str) -> list[int]:
+        """``text`` as this format renders a prompt, up to where the response starts (a sample's input)."""
+        if self.fmt == "chat":
+            prefix = self.prefix if self.template is FALLBACK_CHAT_TEMPLATE else []
+            return prefix + self.encode(self.render([{"role": "user", "content": text}], generation_prompt=True))
+        if self.fmt == "alpaca":
+            text = ALPACA_PROMPT.format(instruction=text, input="")
+        return self.prefix + self.encode(text)
+
     def _prompt_completion(self, prompts: list[str], completions: list[str]) -> list[tuple[list[int], list[bool]]]:
         """The prompt, then the completion and EOS: the loss on the completion (and EOS)."""
         out = []

@@ -188,6 +188,10 @@ class LoggingConfig:
     output_dir: str = _help("checkpoints, exported adapters, TensorBoard events (runs/<run_name>)", "outputs")
     run_name: Optional[str] = _help("TensorBoard run name; unset: the last part of output_dir")
     log_interval: int = _help("log loss, lr, grad norm and throughput every this many optimizer steps", 10)
+    sample_prompt: Optional[str] = _help(
+        "at the end, a greedy continuation of this prompt (rendered as the data's format renders a prompt: a "
+        "user turn for chat) in sample.txt, summary.json and TensorBoard; '' none; unset: 'ROMEO:' on the "
+        "embedded default data, none on yours (under ZeRO-3 every new token gathers the whole model)")
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir must not be empty")
