@@ -35,9 +35,10 @@ from ..runtime.checkpoint import (
 from ..runtime.ds_config import load_ds_config
 from ..runtime.engine import initialize
 from ..utils.atomic import write_text
-from ..utils.ranks import free_port, raise_together, rank_and_world, remove_shm_buffers
+from ..utils.ranks import raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import PreparedData, cache_dir_of, prepare_data
+from .dist_setup import barrier, check_ranks, init_distributed, local_rank, setup_barrier
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
     TINY,
@@ -63,49 +64,6 @@ EMBEDDED = {"data": {"format": "text", "packing": True, "max_seq_length": 256},
             "checkpoint": {"save_interval": 0}}
 
 
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-_SETUP_GROUP: list = []  # a gloo group with a long timeout, for barriers behind slow one-rank work
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _setup_barrier() -> None:
-    """Wait for work one rank per node does (tokenising a large dataset, converting the default
-    model): the default collective timeout would kill the waiting ranks after 10-30 minutes."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if not _SETUP_GROUP:
-            from datetime import timedelta
-
-            _SETUP_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(hours=4)))
-        dist.barrier(group=_SETUP_GROUP[0])
-
-
-LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
-
-
-def init_distributed(timeout_minutes: float) -> None:
-    """The launcher's world (deepspeed, torchrun, MPI, srun), or a world of one for plain ``python``;
-    then bind this rank's accelerator before any collective."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    launched = any(k in os.environ for k in LAUNCHER_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if not launched:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    from datetime import timedelta
-
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(_local_rank())
-
-
 def say(message: str) -> None:
     """One line on global rank 0."""
     if rank_and_world()[0] == 0:
@@ -124,12 +82,12 @@ def apply_embedded_defaults(run: RunConfig) -> None:
     train_txt, heldout_txt = assets.shakespeare_paths()
     run.data.data = os.path.join(cache, f"train-{assets.ROW_CHARS}.jsonl")  # the row size names the file
     run.data.eval_data = os.path.join(cache, f"heldout-{assets.ROW_CHARS}.jsonl")
-    if _local_rank() == 0:
+    if local_rank() == 0:
         for txt, jsonl in ((train_txt, run.data.data), (heldout_txt, run.data.eval_data)):
             if not os.path.isfile(jsonl):
                 os.makedirs(cache, exist_ok=True)
                 assets.write_text_dataset(txt, jsonl)
-    _setup_barrier()
+    setup_barrier()
 
 
 def resume_point(run: RunConfig) -> Optional[tuple[str, str]]:
@@ -192,7 +150,7 @@ def check_shared_filesystem(out: str) -> None:
     if rank == 0:
         with open(path, "w") as f:
             f.write(token[0])
-    _barrier()
+    barrier()
     seen = None
     if os.path.isfile(path):
         with open(path) as f:
@@ -201,7 +159,7 @@ def check_shared_filesystem(out: str) -> None:
         f"{socket.gethostname()} does not see the file rank 0 ({token[0].split(':')[0]}) wrote in output_dir "
         f"{out!r}: checkpoints need a filesystem every node shares (point output_dir at it)")
     raise_together(error, ConfigError)
-    _barrier()
+    barrier()
     if rank == 0:
         os.remove(path)
         if created[0]:  # bad input found later leaves no trace; save_resolved creates it again
@@ -264,10 +222,10 @@ def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
     rank = rank_and_world()[0]
     cache = cache_dir_of(run.data)
     data = None
-    for turn in (rank == 0, _local_rank() == 0 and rank != 0, _local_rank() != 0):
+    for turn in (rank == 0, local_rank() == 0 and rank != 0, local_rank() != 0):
         if turn:
             data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
-        _setup_barrier()
+        setup_barrier()
     say(f"data: {'read the prepared cache' if data.from_cache else 'tokenised into'} {data.cache}"
         + (" (nothing tokenised)" if data.from_cache else ""))
     for split, stats in data.stats.items():
@@ -299,6 +257,11 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     output directory is written to."""
     started = time.time()
     rank, world = rank_and_world()
+    problem, placement = check_ranks()  # every rank gets the same answer: all stop together
+    if problem:
+        raise ConfigError(problem)
+    for line in placement:
+        say(line)
     if run.data.data is None:
         apply_embedded_defaults(run)
     resume_from = resume_point(run)
@@ -315,8 +278,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
             raise ConfigError(str(err)) from None
     # The default model is converted once per node (locked); every rank then reads it.
     model_path = run.model.model if run.model.model == TINY else (
-        resolve_model_path(run.model.model) if _local_rank() == 0 else None)
-    _setup_barrier()
+        resolve_model_path(run.model.model) if local_rank() == 0 else None)
+    setup_barrier()
     model_path = model_path or resolve_model_path(run.model.model)
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
@@ -360,7 +323,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if resume_from is None and run.checkpoint.overwrite_output_dir and rank == 0:
         for name in (CHECKPOINTS, RUNS, ADAPTER):  # the previous run's, not mixed into this one's
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    _barrier()
+    barrier()
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
         check_same_data(client.get("data", {}), data_identity(run, derived, data))
@@ -370,7 +333,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
             # resuming an older checkpoint of this run: it becomes the line saves continue
             # (later folders are set aside when a save reaches their step)
             write_text(os.path.join(ckpt_dir, LATEST), resume_from[1])
-        _barrier()
+        barrier()
         say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}")
     if rank == 0:
         save_resolved(run, ds_config, out)
@@ -420,7 +383,7 @@ def execute(s: Setup) -> dict:
                         client_state={"data_position": step, "data": data_identity(run, derived, data)})
         if rank == 0:
             rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit)
-        _barrier()
+        barrier()
 
     job = Job(engine=engine, bank=bank, merger=merger, derived=derived, train_data=data.train,
               eval_data=data.eval, pad_id=tokenizer.pad_token_id, seed=run.training.seed, logger=logger,
@@ -510,11 +473,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 3
         # No rank tears down while another still talks to it: gloo/NCCL threads of a peer that
         # left mid-collective are what abort a finished job at exit.
-        _barrier()
+        barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        if os.environ.get("MASTER_PORT") and _local_rank() == 0:
+        if os.environ.get("MASTER_PORT") and local_rank() == 0:
             remove_shm_buffers(os.environ["MASTER_PORT"])
     return 0
 

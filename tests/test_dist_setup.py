@@ -1,0 +1,73 @@
+"""The job's process setup: every group gets the collective timeout (DeepSpeed's too), the gloo
+setup channel connects with it and names GLOO_SOCKET_IFNAME when it cannot, and every rank stops
+alike on an environment variable one node sees differently; CPU placement is reported per host."""
+import os
+
+import pytest
+from multirank import run_ranks
+
+from ds_aslora.train.dist_setup import environment_problem, placement_lines
+
+
+def place(host, cpus, threads=4, **env):
+    return {"host": host, "cpus": cpus, "threads": threads, **env}
+
+
+def test_placement_warns_when_a_hosts_ranks_were_bound_to_too_few_cores():
+    good = [place("n1", [0, 1, 2, 3]), place("n1", [4, 5, 6, 7]), place("n2", list(range(64)), 64)]
+    assert placement_lines(good) == ["n1: 2 ranks, 4 CPUs each, 4 torch threads each",
+                                     "n2: 1 ranks, 64 CPUs each, 64 torch threads each"]
+    one_core = [place("n1", [0], 1) for _ in range(8)]
+    lines = placement_lines(one_core)
+    assert lines[0] == "n1: 8 ranks, 1 CPUs each, 1 torch threads each"
+    assert "8 ranks on n1 share 1 CPU(s)" in lines[1] and "SRUN_CPUS_PER_TASK" in lines[1]
+
+
+def test_an_environment_variable_that_differs_from_rank_0_is_named():
+    same = [place("n1", [0], DS_ASLORA_CACHE="/shared/c"), place("n2", [0], DS_ASLORA_CACHE="/shared/c")]
+    assert environment_problem(same) is None
+    other = [place("n1", [0], DS_ASLORA_CACHE="/shared/c"), place("n2", [0])]
+    message = environment_problem(other)
+    assert message.startswith("DS_ASLORA_CACHE is '/shared/c' on rank 0 but None on rank 1 (host n2)")
+    assert ".deepspeed_env" in message
+
+
+def timeouts(rank):
+    import torch
+    import torch.distributed as dist
+
+    from ds_aslora.train import dist_setup
+
+    dist_setup.init_distributed(7)
+
+    def timeout(group):
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    later = dist.new_group()  # as DeepSpeed creates its groups, with no timeout given
+    os.environ["DS_ASLORA_CACHE"] = f"/cache/rank{rank}"  # one rank's launcher passed another value
+    problem, _ = dist_setup.check_ranks()
+    dist_setup.setup_barrier()
+    return timeout(later), timeout(dist_setup._SETUP_GROUP[0]), problem
+
+
+@pytest.mark.slow
+def test_every_group_gets_the_collective_timeout_and_a_differing_variable_stops_all_ranks():
+    results = run_ranks(timeouts, 2)
+    assert [r[:2] for r in results] == [(420.0, 420.0)] * 2  # torch's default would be 1800 (gloo), 600 (NCCL)
+    assert results[0][2] == results[1][2] and "DS_ASLORA_CACHE is '/cache/rank0' on rank 0 but '/cache/rank1'" \
+        in results[0][2]
+
+
+def unreachable(rank):
+    from ds_aslora.train import dist_setup
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "no-such-if0"  # an interface gloo cannot use
+    with pytest.raises(RuntimeError) as info:
+        dist_setup.init_distributed(1)
+    return str(info.value)
+
+
+@pytest.mark.slow
+def test_a_gloo_channel_that_cannot_connect_fails_at_once_naming_gloo_socket_ifname():
+    for message in run_ranks(unreachable, 2, timeout=120):
+        assert "could not connect to the other ranks over gloo" in message and "GLOO_SOCKET_IFNAME" in message
