@@ -84,6 +84,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     t.add_argument("--persistence_threshold", type=_threshold, default=None,
                    help="stage3_param_persistence_threshold: elements, or 'auto' (10 x hidden_size, what "
                         "ds_config.fill_auto gives the shipped configs); default DeepSpeed's 100000")
+    t.add_argument("--reduce_bucket_size", type=int, default=None,
+                   help="DeepSpeed's reduce_bucket_size; default the shipped configs' auto: hidden_size^2, at most "
+                        "the trainable elements DeepSpeed holds")
     t.add_argument("--shared_mode", default="replicated", choices=["replicated", "engine"],
                    help="shared tensors replicated beside the engine (default) or registered in it")
     t.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
@@ -140,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             threshold = 10 * model.config.hidden_size if threshold == "auto" else int(threshold)
         setup = TrainSetup(zero_stage=args.zero, nodes=args.nodes, gpus_per_node=args.gpus, dtype=args.dtype,
                            offload=args.offload, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                           persistence_threshold=threshold, shared_mode=args.shared_mode, attention=args.attention)
+                           persistence_threshold=threshold, shared_mode=args.shared_mode, attention=args.attention,
+                           reduce_bucket_size=args.reduce_bucket_size)
         plan = memory_plan(model, setup)
         lora_plan = plan if lora is model else memory_plan(lora, setup)
         checks = deepspeed_estimator_checks(plan.inventory, setup)

@@ -220,3 +220,26 @@ def test_cli_13b_1x8_subprocess_and_bad_input():
     bad = subprocess.run(cmd[:4] + ["--method", "aslora", "--merge_count", "3", "--target_groups", "2"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "not allowed with" in bad.stderr
+
+
+def test_gradient_buckets_are_sized_from_the_trainable_count_and_counted():
+    from ds_aslora.planning.inventory import bucket_size
+
+    lora, share_a, _ = expected_counts("llama2-13b")
+    _, h, _, shapes, _ = dims("llama2-13b")
+    n = share_a - sum(R * i for i, _ in shapes)  # per-layer B: what DeepSpeed holds and reduces
+    assert bucket_size(h, 1000) == 1000  # a small adapter: no hidden^2 (let alone 5e8) buffer
+    bucket = bucket_size(h, n)
+    assert n > h * h and bucket == h * h  # r=64 all-linear: the HF integration's hidden^2
+    model = meta("llama2-13b", "sharelora", share="A")
+    s2 = memory_plan(model, TrainSetup(zero_stage=2, gpus_per_node=8))
+    assert s2.row("zero_buckets").gpu == 2 * bucket * 2  # two buffers (overlap_comm) x bf16
+    assert memory_plan(model, TrainSetup(zero_stage=2, overlap_comm=False)).row("zero_buckets").gpu == bucket * 2
+    assert memory_plan(model, TrainSetup(zero_stage=1)).row("zero_buckets").gpu == 2 * bucket * 4  # fp32 staging
+    assert memory_plan(model, TrainSetup(zero_stage=3)).row("zero_buckets").gpu == bucket * 2
+    small = memory_plan(build_on_meta(os.path.join(CONFIGS, "llama2-13b.json"), AdapterConfig(
+        method="aslora", r=4, target_modules=["q_proj"])), TrainSetup(zero_stage=2))
+    assert small.row("zero_buckets").gpu == 2 * 40 * 4 * h * 2  # every q_proj B (40 layers x r x h), once
+    fixed = memory_plan(model, TrainSetup(zero_stage=2, reduce_bucket_size=500_000_000))
+    assert fixed.row("zero_buckets").gpu == 2 * 500_000_000 * 2  # the old zero2.json: 2 GB per GPU
+    assert s2.peak_gpu(True) - fixed.peak_gpu(True) == s2.row("zero_buckets").gpu - 2_000_000_000

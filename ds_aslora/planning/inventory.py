@@ -105,3 +105,17 @@ def zero3_resident_adapter_bytes(model: nn.Module, dtype_bytes: int, threshold: 
     """Bytes of persistent adapter working copies on every GPU under ZeRO-3: the same on every
     rank whatever the world size, which is why it decides what fits at 70B."""
     return dtype_bytes * zero3_resident_adapter_numel(model, threshold, every_adapter=every_adapter)
+
+
+def engine_numel(inv: Inventory, shared_mode: str) -> int:
+    """Trainable elements DeepSpeed holds (and reduces): the per-layer adapters, plus the shared bank
+    when it is registered in the engine."""
+    return inv.adapter_numel + (inv.bank_numel if shared_mode == "engine" else 0)
+
+
+def bucket_size(hidden_size: int, engine_numel: Optional[int]) -> int:
+    """``reduce_bucket_size`` / ``allgather_bucket_size`` for ``"auto"``: the HF integration's
+    hidden_size^2, but never more than the trainable elements DeepSpeed holds. Each bucket is a
+    buffer (two with overlap_comm): a fixed 5e8 is 2 GB of bf16 per GPU for tens of MB of adapters."""
+    square = hidden_size * hidden_size
+    return max(1, min(square, engine_numel)) if engine_numel is not None else square

@@ -44,7 +44,9 @@ from .activations import ATTENTIONS, ActivationEstimate, activation_bytes
 from .inventory import (
     Inventory,
     TensorInfo,
+    bucket_size,
     effective_persistence_threshold,
+    engine_numel,
     inventory,
     is_persistent,
 )
@@ -75,6 +77,8 @@ class TrainSetup:
     persistence_threshold: Optional[int] = None  # None: DeepSpeed's default, 1e5
     shared_mode: str = "replicated"
     attention: str = "sdpa"
+    reduce_bucket_size: Optional[int] = None  # None: the shipped configs' "auto" (runtime.ds_config)
+    overlap_comm: bool = True
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -133,9 +137,9 @@ class MemoryPlan:
         return sum(r.gpu for r in rows), sum(r.host for r in rows)
 
     def peak_gpu(self, checkpointing: bool) -> int:
-        """Model states + ZeRO-3 gather buffer + activations: an estimate of the peak per GPU."""
+        """Model states + ZeRO-3 gather buffer + gradient buckets + activations: an estimate of the peak per GPU."""
         act = self.row("activations_ckpt" if checkpointing else "activations")
-        return self.model_states[0] + self.row("zero3_gather").gpu + act.gpu
+        return self.model_states[0] + self.row("zero3_gather").gpu + self.row("zero_buckets").gpu + act.gpu
 
 
 def _engine_and_bank(inv: Inventory, setup: TrainSetup) -> tuple[list[TensorInfo], list[TensorInfo]]:
@@ -213,6 +217,19 @@ def _model_state_rows(inv: Inventory, setup: TrainSetup, *, exact: bool = True, 
     return rows, threshold, n_pers, n_frozen_pers
 
 
+def _bucket_row(model: nn.Module, inv: Inventory, setup: TrainSetup) -> Row:
+    """DeepSpeed's contiguous gradient buckets: ZeRO-1/2 keep one reduce buffer (two with
+    overlap_comm; fp32 at ZeRO-1, which stages an fp32 accumulator), ZeRO-3 one."""
+    if setup.zero_stage == 0:
+        return Row("zero_buckets", "ZeRO gradient buckets", 0, 0, "none at stage 0")
+    engine = engine_numel(inv, setup.shared_mode)
+    bucket = setup.reduce_bucket_size or bucket_size(model.config.hidden_size, engine)
+    count = 1 if setup.zero_stage == 3 else 1 + setup.overlap_comm
+    nbytes = 4 if setup.zero_stage == 1 else setup.dtype_bytes
+    return Row("zero_buckets", "ZeRO gradient buckets", count * bucket * nbytes, 0,
+               f"{count} x reduce_bucket_size {bucket:,}")
+
+
 def memory_plan(model: nn.Module, setup: TrainSetup) -> MemoryPlan:
     """Per-GPU memory table of training ``model`` (adapters injected; meta device is fine)."""
     inv = inventory(model)
@@ -221,6 +238,7 @@ def memory_plan(model: nn.Module, setup: TrainSetup) -> MemoryPlan:
     gather = 2 * d * inv.largest_module_params if setup.zero_stage == 3 else 0
     rows.append(Row("zero3_gather", "ZeRO-3 gather buffer (DS: 2 x largest module)", gather, 0,
                     f"largest module: {inv.largest_module_params:,} params" if gather else "ZeRO-3 only"))
+    rows.append(_bucket_row(model, inv, setup))
     act = activation_bytes(model, dtype_bytes=d, micro_batch=setup.micro_batch, seq_len=setup.seq_len,
                            attention=setup.attention, shared_mode=setup.shared_mode)
     rows.append(Row("activations", "activations, no checkpointing (est.)", act.no_checkpointing, 0,

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from ..planning.inventory import bucket_size
+
 AUTO = "auto"
 
 
@@ -59,8 +61,10 @@ def fill_auto(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 def auto_values(*, micro_batch: int, grad_accum: int, world_size: int, lr: float, weight_decay: float = 0.0,
                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip: float = 1.0,
                 bf16: bool = False,
-                tensorboard_dir: str | None = None, job_name: str = "ds_aslora", hidden_size: int = 4096) -> dict:
+                tensorboard_dir: str | None = None, job_name: str = "ds_aslora", hidden_size: int = 4096,
+                engine_numel: int | None = None) -> dict:
     """The values of every ``"auto"`` key the shipped configs use, from run settings."""
+    bucket = bucket_size(hidden_size, engine_numel)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -74,9 +78,10 @@ def auto_values(*, micro_batch: int, grad_accum: int, world_size: int, lr: float
         "tensorboard.enabled": tensorboard_dir is not None,
         "tensorboard.output_path": tensorboard_dir or "",
         "tensorboard.job_name": job_name,
-        # ZeRO-3 sizes as the HF integration derives them from the model width; the
-        # persistence threshold is raised further to cover every adapter tensor.
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        # ZeRO-3 prefetch as the HF integration derives it from the model width; the persistence
+        # threshold is raised further to cover every adapter tensor.
+        "zero_optimization.reduce_bucket_size": bucket,
+        "zero_optimization.allgather_bucket_size": bucket,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
     }

@@ -23,6 +23,7 @@ from ..adapters.inject import inject_adapters
 from ..export.adapter import export_engine
 from ..merging.coordinator import MergeCoordinator
 from ..merging.schedule import ScheduleError, model_schedule
+from ..planning.inventory import engine_numel, inventory
 from ..runtime.checkpoint import (
     LATEST,
     CheckpointError,
@@ -201,16 +202,25 @@ def check_schedule_fits(merger: MergeCoordinator, max_steps: int) -> None:
                           f"{max_steps}: resume with max_steps >= {events[-1][0]} (a resumed run keeps its schedule)")
 
 
-def check_aslora_schedule(run: RunConfig, config: Any, max_steps: int) -> None:
-    """ASLoRA's schedule on the base model's shape (a meta model: no weights): ConfigError when the
-    schedule asked for cannot reach its target, before the model loads."""
+def meta_model(run: RunConfig, config: Any) -> Any:
+    """The adapted model on the meta device (no weights): its shapes size buckets and schedules."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=run.model.trust_remote_code)
-    inject_adapters(model, run.adapter)
+    return inject_adapters(model, run.adapter)
+
+
+def shared_mode_of(run: RunConfig) -> str:
+    """sharelora share=AB has no per-layer tensor: its shared tensors are then DeepSpeed's own parameters."""
+    return "engine" if run.adapter.method == "sharelora" and run.adapter.share == "AB" else "replicated"
+
+
+def check_aslora_schedule(meta: Any, max_steps: int) -> None:
+    """ASLoRA's schedule on the base model's shape: ConfigError when the schedule asked for cannot
+    reach its target, before the model loads."""
     try:
-        model_schedule(model, max_steps)
+        model_schedule(meta, max_steps)
     except ScheduleError as err:
         raise ConfigError(str(err)) from None
 
@@ -300,10 +310,12 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         derived = derive(run, world, ds_json, ds_path=ds_path, train_sequences=len(data.train))
         say(f"num_train_epochs {run.training.num_train_epochs:g}: {len(data.train):,} training sequences / global "
             f"batch {derived.global_batch_size} -> {derived.max_steps} steps")
+    meta = meta_model(run, config)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
-                                 hidden_size=config.hidden_size)
+                                 hidden_size=config.hidden_size,
+                                 engine_numel=engine_numel(inventory(meta), shared_mode_of(run)))
     if run.adapter.method == "aslora" and resume_from is None:  # refused before the model loads (a resumed
-        check_aslora_schedule(run, config, derived.max_steps)      # run keeps the schedule it started with)
+        check_aslora_schedule(meta, derived.max_steps)             # run keeps the schedule it started with)
     model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
                                    trust_remote_code=run.model.trust_remote_code)
     source = model_path
@@ -312,9 +324,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if run.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     # the engine's scheduler also computes the lr after the last step: hold it there
-    # sharelora share=AB has no per-layer tensor: its shared tensors are then DeepSpeed's own parameters
-    shared_mode = "engine" if run.adapter.method == "sharelora" and run.adapter.share == "AB" else "replicated"
-    engine, bank = initialize(model, ds_config, shared_mode=shared_mode,
+    engine, bank = initialize(model, ds_config, shared_mode=shared_mode_of(run),
                               lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
     merger = None
     if run.adapter.method == "aslora":  # resuming: the checkpoint's schedule, not one for this max_steps

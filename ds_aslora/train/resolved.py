@@ -217,12 +217,14 @@ def _set(config: dict, path: str, value: Any) -> None:
 
 
 def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_dir: Optional[str] = None, *,
-                     ds_path: str = "the DeepSpeed config", hidden_size: Optional[int] = None) -> dict:
+                     ds_path: str = "the DeepSpeed config", hidden_size: Optional[int] = None,
+                     engine_numel: Optional[int] = None) -> dict:
     """The DeepSpeed config the engine gets: ``"auto"`` values filled from ``derived``, the effective values
     written where DeepSpeed reads them, and ``scheduler`` removed (the loop sets the lr with ``lr_at``).
 
     ``derived`` must come from ``derive(..., ds_json)`` (which refused contradictions). ``hidden_size``
-    fills ZeRO-3's bucket-size ``"auto"`` values (unset: those stay unfilled, an error naming them).
+    fills the bucket-size ``"auto"`` values (unset: those stay unfilled, an error naming them), capped by
+    ``engine_numel``, the trainable elements DeepSpeed will hold.
     TensorBoard events go to ``<tensorboard_dir>/<run_name>``.
     """
     config = copy.deepcopy(dict(ds_json))
@@ -234,7 +236,7 @@ def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_d
     values = auto_values(micro_batch=derived.micro_batch_size, grad_accum=derived.gradient_accumulation_steps,
                          world_size=derived.world_size, lr=derived.learning_rate, weight_decay=derived.weight_decay,
                          clip=derived.max_grad_norm, bf16=derived.dtype == "bf16", tensorboard_dir=tensorboard_dir,
-                         job_name=derived.run_name, hidden_size=hidden_size or 1)
+                         job_name=derived.run_name, hidden_size=hidden_size or 1, engine_numel=engine_numel)
     values["fp16.enabled"] = derived.dtype == "fp16"
     if hidden_size is None:  # no model width: leave ZeRO-3's bucket "auto"s for fill_auto to name
         values = {k: v for k, v in values.items() if not k.startswith("zero_optimization.")}
