@@ -197,23 +197,31 @@ def resume_reads(rank, stage, ckpt_dir):
     from ds_aslora.runtime.checkpoint import load_checkpoint
     from ds_aslora.runtime.engine import initialize
 
-    opened, load = [], torch.load
+    opened, statted, load, isfile = [], set(), torch.load, os.path.isfile
 
     def spy(path, *args, **kwargs):
         if "merge_means" in str(path):
             opened.append(os.path.basename(path))
         return load(path, *args, **kwargs)
 
+    def stat_spy(path):
+        if "merge_means" in str(path):
+            statted.add(os.path.basename(path))
+        return isfile(path)
+
     engine, bank = initialize(adapted("raw-adjacent"), ds_config(stage, dist.get_world_size()))
     merger = MergeCoordinator(engine)
-    torch.load = spy
-    load_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
-    torch.load = load
+    torch.load, os.path.isfile = spy, stat_spy
+    try:
+        load_checkpoint(engine, ckpt_dir, bank=bank, merger=merger)
+    finally:
+        torch.load, os.path.isfile = load, isfile
+    assert statted == set(opened)  # no rank looks at every rank's file (512 ranks: 262k stats per resume)
     return sorted(opened)
 
 
 @pytest.mark.slow
-def test_a_resumed_rank_reads_only_the_running_means_its_slices_need(tmp_path):
+def test_a_resumed_rank_reads_and_checks_only_the_running_means_its_slices_need(tmp_path):
     same, recut = str(tmp_path / "same"), str(tmp_path / "recut")
     run_ranks(job, 2, 2, 1, same, "first")
     assert run_ranks(resume_reads, 2, 2, same) == [["merge_means_rank00000.pt"], ["merge_means_rank00001.pt"]]
@@ -262,6 +270,22 @@ def test_every_rank_reads_checkpoint_files_onto_the_cpu(tmp_path, stage):
         assert any(name == "mp_rank_00_model_states.pt" for name, _ in reads)
         assert all(where == "cpu" for _, where in reads), reads
         assert saved == {"cpu"}
+
+
+def data_check(rank):
+    from ds_aslora.train.job import check_same_data
+    from ds_aslora.train.run_config import ConfigError
+
+    saved = {"seed": 0, "train_sequences": 100, "fingerprint": "abc"}
+    with pytest.raises(ConfigError) as info:  # one rank's node-local cache holds other data
+        check_same_data(saved, {**saved, "fingerprint": "abc" if rank == 0 else "xyz"})
+    return str(info.value)
+
+
+@pytest.mark.slow
+def test_data_that_differs_on_one_rank_stops_every_rank_alike():
+    messages = run_ranks(data_check, 2, timeout=60)
+    assert messages[0] == messages[1] and messages[0].startswith("rank 1: the checkpoint's data stream differs")
 
 
 class _Payload:

@@ -257,8 +257,8 @@ def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Opt
                              f"without them would restart from random shared tensors or untied layers")
         if given is not None and not saved:
             raise ValueError(f"checkpoint {tag!r} has no {what}: it was saved by another method or without them")
-    if merger is not None:
-        for r in range(meta["world_size"]):
+    if merger is not None:  # the files this rank reads (its own, or a few after a re-cut): O(1) per rank
+        for r in merger.saved_ranks_needed(meta["world_size"]):
             if not os.path.isfile(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r))):
                 raise FileNotFoundError(f"checkpoint {tag!r} lacks {MEANS_FILE.format(rank=r)} (the running means "
                                         f"of rank {r} of {meta['world_size']})")

@@ -174,11 +174,12 @@ def data_identity(run: RunConfig, derived: Any, data: Any) -> dict:
 
 
 def check_same_data(saved: dict, now: dict) -> None:
-    """A resumed run continues the saved data stream only if it is the same stream."""
+    """Collective: a resumed run continues the saved data stream only if it is the same stream. Each
+    rank compares its own data (node-local caches may differ), and all ranks stop together."""
     diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-    if diff:
-        raise ConfigError("the checkpoint's data stream differs from this run's, so its data position would skip or "
-                          "repeat rows: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items()))
+    raise_together("the checkpoint's data stream differs from this run's, so its data position would skip or "
+                   "repeat rows: " + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in diff.items())
+                   if diff else None, ConfigError)
 
 
 def base_config(model: str, trust_remote_code: bool) -> Any:
