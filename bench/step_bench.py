@@ -23,6 +23,7 @@ import time
 import deepspeed
 import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_aslora import AdapterConfig, count_trainable, inject_adapters
@@ -54,10 +55,10 @@ def ds_config(batch, stage, world, bf16=False, persistence_threshold=None):
             "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9}
 
 
-def build(variant, args):
-    """(engine, bank, trainable parameters) of one variant."""
+def build(variant, args, shape=SMOLLM2_135M):
+    """(engine, bank, trainable parameters) of one variant, on a random-weight LLaMA of ``shape``."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     targets = args.targets if args.targets != ["all-linear"] else "all-linear"
     config = ds_config(args.batch, args.stage, dist.get_world_size(), args.bf16, args.persistence_threshold)
     if variant in (FROZEN, PEFT):
@@ -79,6 +80,25 @@ def build(variant, args):
     if args.uncoalesced:
         restore_persistent_gather(engine.optimizer)
     return engine, bank, trainable
+
+
+def alternate(jobs, ids, warmup, repeats):
+    """One step of every variant in turn, ``warmup`` untimed rounds then ``repeats`` timed ones:
+    ({variant: step seconds per round}, {variant: the last step's collectives})."""
+    times = {v: [] for v in jobs}
+    records = {}
+    for round_ in range(warmup + repeats):
+        for variant, (engine, bank, _) in jobs.items():
+            batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
+            with audit_collectives() as record:
+                start = time.perf_counter()
+                micro_step(engine, batch, bank)
+                get_accelerator().synchronize()
+                elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[variant].append(elapsed)
+                records[variant] = record
+    return times, records
 
 
 def main():
@@ -103,18 +123,7 @@ def main():
     jobs = {v: build(v, args) for v in args.variants}
     gen = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen)
-    times = {v: [] for v in jobs}
-    records = {}
-    for round_ in range(args.warmup + args.repeats):
-        for variant, (engine, bank, _) in jobs.items():
-            batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
-            with audit_collectives() as record:
-                start = time.perf_counter()
-                micro_step(engine, batch, bank)
-                elapsed = time.perf_counter() - start
-            if round_ >= args.warmup:
-                times[variant].append(elapsed)
-                records[variant] = record
+    times, records = alternate(jobs, ids, args.warmup, args.repeats)
     if dist.get_rank() == 0:
         floor, peft = statistics.median(times.get(FROZEN, [float("nan")])), statistics.median(
             times.get(PEFT, [float("nan")]))
