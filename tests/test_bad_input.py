@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from launcher import FP16_ON_CPU, ROOT, launch
@@ -251,3 +252,14 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged_not_fatal(assets, tm
     at_8 = load_file(str(out / "checkpoints" / "global_step8" / "adapter" / "adapter_model.safetensors"))
     final = load_file(str(out / "adapter" / "compact" / "adapter_model.safetensors"))
     assert b and not any(at_8[k].any() for k in b) and all(final[k].any() for k in b)
+
+
+@pytest.mark.slow
+def test_bad_data_stops_every_rank_at_once_not_after_the_setup_wait(assets, tmp_path):
+    # Rank 0 tokenises while the others wait (up to 4 hours, for a large set); its error must reach them.
+    start = time.monotonic()
+    done = launch(assets, tmp_path / "out", "--data", os.path.join(ROOT, "tests", "assets", "data", "malformed.jsonl"),
+                  "--max_steps", "2", ranks=2, stage=2, check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode == 2 and errors == [errors[0]] and "malformed.jsonl, line 3: malformed JSON" in errors[0]
+    assert time.monotonic() - start < 240 and "Traceback" not in done.stderr

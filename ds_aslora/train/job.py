@@ -234,9 +234,14 @@ def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
     cache = cache_dir_of(run.data)
     data = None
     for turn in (rank == 0, local_rank() == 0 and rank != 0, local_rank() != 0):
+        error = None
         if turn:
-            data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
+            try:
+                data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache)
+            except (ValueError, OSError) as err:  # bad data: the waiting ranks must not wait 4 hours
+                error = str(err)
         setup_barrier()
+        raise_together(error, ConfigError)
     say(f"data: {'read the prepared cache' if data.from_cache else 'tokenised into'} {data.cache}"
         + (" (nothing tokenised)" if data.from_cache else ""))
     for split, stats in data.stats.items():
