@@ -276,9 +276,9 @@ def data_check(rank):
     from ds_aslora.train.job import check_same_data
     from ds_aslora.train.run_config import ConfigError
 
-    saved = {"seed": 0, "train_sequences": 100, "fingerprint": "abc"}
+    saved = {"seed": 0, "train_sequences": 100, "content": "abc"}
     with pytest.raises(ConfigError) as info:  # one rank's node-local cache holds other data
-        check_same_data(saved, {**saved, "fingerprint": "abc" if rank == 0 else "xyz"})
+        check_same_data(saved, {**saved, "content": "abc" if rank == 0 else "xyz"})
     return str(info.value)
 
 

@@ -18,6 +18,7 @@ from ds_aslora.train import data as D
 from ds_aslora.train.batches import EvalBatches, GlobalBatches, collate
 from ds_aslora.train.data import (
     IGNORE_INDEX,
+    content_digest,
     detect_format,
     ensure_pad_token,
     load_data,
@@ -338,6 +339,26 @@ def test_the_prepared_cache_key_sees_every_option_and_the_file(tmp_path):
     data.write_text(open(asset("text.jsonl")).read() + '{"text": "a short line"}\n')  # new content
     again = prepare_data(base, tok, seed=1, cache_dir=cache)
     assert not again.from_cache and len(again.train) == len(first.train) + 1
+
+
+def test_the_training_content_digest_follows_the_rows_not_the_file(tmp_path):
+    # A resumed run compares this digest: a copy of the data on another disk (another path and mtime,
+    # another cache folder) is the same stream; one changed token is not.
+    tok = word_tokenizer()
+    text = open(asset("text.jsonl")).read()
+    copies = []
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text(text)
+        copies.append(prepare_data(DataConfig(data=str(tmp_path / name), max_seq_length=8), tok, seed=1,
+                                   cache_dir=str(tmp_path / name.replace(".jsonl", "-cache"))))
+    a, b = copies
+    assert a.cache != b.cache and a.train_digest() == b.train_digest()
+    reread = prepare_data(DataConfig(data=str(tmp_path / "a.jsonl"), max_seq_length=8), tok, seed=1,
+                          cache_dir=str(tmp_path / "a-cache"))
+    assert reread.from_cache and reread.digest == a.train_digest() == content_digest(reread.train)  # kept, exact
+    (tmp_path / "c.jsonl").write_text(text.replace("fox", "dog", 1))
+    other = prepare_data(DataConfig(data=str(tmp_path / "c.jsonl"), max_seq_length=8), tok, seed=1, cache_dir=None)
+    assert len(other.train) == len(a.train) and other.train_digest() != a.train_digest()
 
 
 def test_a_jsonl_file_is_checked_once_per_content(tmp_path, monkeypatch):

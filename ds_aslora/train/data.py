@@ -15,6 +15,7 @@ one rank prepares first (then a barrier): the others find the cache.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 from filelock import FileLock
 
@@ -258,6 +261,28 @@ class PreparedData:
     stats: dict[str, TokenizeStats]  # "train", and "eval" when there is one
     cache: Optional[str] = None  # the prepared-data folder, when there is a cache
     from_cache: bool = False  # read back whole: nothing was tokenised
+    digest: Optional[str] = None  # the training set's content (content_digest), kept with the cache
+
+    def train_digest(self) -> str:
+        """What a resumed run compares: the training rows themselves, not where they were read from."""
+        if self.digest is None:
+            self.digest = content_digest(self.train)
+        return self.digest
+
+
+def content_digest(dataset: datasets.Dataset, batch_size: int = 65_536) -> str:
+    """A hash of every row's values, column by column (list columns: lengths and values), read in
+    batches: the same rows give the same digest wherever and whenever they were tokenised."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(sorted(dataset.column_names)).encode())
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+        for name in sorted(batch.column_names):
+            column = batch.column(name).combine_chunks()
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                h.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
+                column = pc.list_flatten(column)
+            h.update(np.asarray(column).tobytes())
+    return h.hexdigest()
 
 
 def cache_dir_of(config: DataConfig) -> str:
@@ -367,7 +392,8 @@ def _write_prepared(data: PreparedData, folder: str, work: str) -> PreparedData:
         dataset = getattr(data, name)
         if dataset is not None:
             dataset.save_to_disk(os.path.join(tmp, name))
-    meta = {"format": data.format, "stats": {k: dataclasses.asdict(v) for k, v in data.stats.items()}}
+    meta = {"format": data.format, "stats": {k: dataclasses.asdict(v) for k, v in data.stats.items()},
+            "train_digest": data.train_digest()}
     write_text(os.path.join(tmp, PREPARED_META), json.dumps(meta))
     try:
         os.rename(tmp, folder)
@@ -384,4 +410,4 @@ def _read_prepared(folder: str, from_cache: bool = True) -> PreparedData:
             else None for name in ("train", "eval")}
     return PreparedData(train=sets["train"], eval=sets["eval"], format=meta["format"],
                         stats={k: TokenizeStats(**v) for k, v in meta["stats"].items()}, cache=folder,
-                        from_cache=from_cache)
+                        from_cache=from_cache, digest=meta.get("train_digest"))

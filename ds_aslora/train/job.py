@@ -170,7 +170,7 @@ def check_shared_filesystem(out: str) -> None:
 def data_identity(run: RunConfig, derived: Any, data: Any) -> dict:
     """What the data position means: the same stream needs the same rows, seed and global batch."""
     return {"global_batch_size": derived.global_batch_size, "seed": run.training.seed,
-            "train_sequences": len(data.train), "fingerprint": data.train._fingerprint}
+            "train_sequences": len(data.train), "content": data.train_digest()}
 
 
 def check_same_data(saved: dict, now: dict) -> None:
