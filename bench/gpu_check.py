@@ -85,8 +85,10 @@ def step_times(table: Table, args, shape: dict, stage: int) -> None:
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     times, _ = step_bench.alternate(jobs, ids, args.warmup, args.repeats)
     floor, peft = (statistics.median(times[v]) for v in (step_bench.FROZEN, step_bench.PEFT))
+    module = jobs[step_bench.FROZEN][0].module
+    embedding = {id(p) for p in module.get_input_embeddings().parameters()}  # a lookup: no matmul FLOPs
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                   for p in jobs[step_bench.FROZEN][0].module.parameters())
+                   for p in module.parameters() if id(p) not in embedding)
     tokens = args.batch * args.seq * dist.get_world_size()
     peak = peak_tflops()
     for variant, t in times.items():

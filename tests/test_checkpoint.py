@@ -176,6 +176,22 @@ def refuse_or_load(rank, ckpt_dir, with_bank, with_merger, extra_config=None, sa
 
 
 @pytest.mark.slow
+def test_a_bad_deepspeed_partition_file_on_one_rank_stops_every_rank_alike(tmp_path):
+    # DeepSpeed fails only on the rank whose file is bad; the others would go on into the next collective.
+    ckpt = str(tmp_path / "ckpt")
+    run_ranks(job, 2, 2, 1, ckpt, "first")
+    folder = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+    partition = os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with open(partition, "r+b") as f:  # torn: the first half only
+        f.truncate(os.path.getsize(partition) // 2)
+    torn = run_ranks(refuse_or_load, 2, ckpt, True, True, timeout=120)
+    assert torn[0] == torn[1] and torn[0].startswith("rank 1: ")
+    os.remove(partition)
+    missing = run_ranks(refuse_or_load, 2, ckpt, True, True, timeout=120)
+    assert missing[0] == missing[1] and "lacks rank 1's optimizer partition" in missing[0]
+
+
+@pytest.mark.slow
 def test_loading_without_the_bank_or_merger_a_checkpoint_holds_is_refused(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     run_ranks(job, 2, 2, 1, ckpt, "first")

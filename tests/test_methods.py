@@ -81,3 +81,9 @@ def test_a_retired_b_gets_an_exact_zero_gradient_even_when_its_sum_would_overflo
     out = model.model.layers[0].self_attn.q_proj(torch.ones(1, 3, 32, dtype=dtype))
     assert torch.isfinite(out).all()
     assert torch.count_nonzero(layers[0].lora_B.grad) == 0 and torch.isfinite(layers[1].lora_B.grad).all()
+    # the backward too: an incoming gradient whose sum overflows must not reach the retired B as NaN
+    model.zero_grad()
+    layers[0].lora_B.grad = None
+    big = 60000.0 if dtype == torch.float16 else 3e38
+    (model.model.layers[0].self_attn.q_proj(torch.ones(1, 3, 32, dtype=dtype)) * big).sum().backward()
+    assert layers[0].lora_B.grad is not None and torch.count_nonzero(layers[0].lora_B.grad) == 0

@@ -228,7 +228,7 @@ def test_gradient_buckets_are_sized_from_the_trainable_count_and_counted():
     lora, share_a, _ = expected_counts("llama2-13b")
     _, h, _, shapes, _ = dims("llama2-13b")
     n = share_a - sum(R * i for i, _ in shapes)  # per-layer B: what DeepSpeed holds and reduces
-    assert bucket_size(h, 1000) == 1000  # a small adapter: no hidden^2 (let alone 5e8) buffer
+    assert bucket_size(h, 1000) == 1000 and bucket_size(h, 1001) == 1008 and bucket_size(h, 0) == 8  # even, aligned
     bucket = bucket_size(h, n)
     assert n > h * h and bucket == h * h  # r=64 all-linear: the HF integration's hidden^2
     model = meta("llama2-13b", "sharelora", share="A")

@@ -231,7 +231,8 @@ def test_shipped_config_is_filled_and_a_scheduler_replaced(caplog):
     assert "DeepSpeed scheduler WarmupCosineLR in" in caplog.text and "is replaced" in caplog.text
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
             filled["train_batch_size"], filled["gradient_clipping"]) == (2, 8, 64, 1.0)
-    assert filled["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    assert filled["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                                             "torch_adam": True}
     assert filled["bf16"] == {"enabled": True} and "fp16" not in filled
     assert filled["tensorboard"] == {"enabled": True, "output_path": "out/runs", "job_name": "r1"}
     assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 640

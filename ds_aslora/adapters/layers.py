@@ -10,7 +10,7 @@ ZeRO layouts stay fixed across merges (deepspeed-notes E5/E6).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,22 @@ def _adapter_dtype(base: nn.Linear) -> torch.dtype:
     # Low-precision bases still get fp32 adapters (peft's autocast_adapter_dtype).
     dtype = base.weight.dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _ZeroUse(torch.autograd.Function):
+    """``out`` unchanged, with ``unused`` as an input whose gradient is an exact zero. No arithmetic
+    on the gradient: ``(x * 0)`` would reduce it to a scalar first, and a half-precision sum can
+    overflow to inf (inf * 0 is NaN: a false fp16 overflow at every step)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        ctx.unused = (unused.shape, unused.dtype, unused.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.unused
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 class AdapterLinear(nn.Module):
@@ -101,8 +117,7 @@ class AdapterLinear(nn.Module):
             # A retired B keeps a zero-weight use: every ZeRO stage then gives it an exact zero
             # gradient (ZeRO-3 would re-apply the last gradient partition of a parameter that
             # stops being used, every step), and ZeRO-3's fetch trace does not change at a merge.
-            # One element, not a sum: a half-precision sum can overflow to inf, and inf * 0 is NaN.
-            delta = delta + self.lora_B.reshape(-1)[0].to(dtype) * 0.0
+            delta = _ZeroUse.apply(delta, self.lora_B)
         return (result + delta * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:

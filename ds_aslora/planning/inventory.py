@@ -116,6 +116,8 @@ def engine_numel(inv: Inventory, shared_mode: str) -> int:
 def bucket_size(hidden_size: int, engine_numel: Optional[int]) -> int:
     """``reduce_bucket_size`` / ``allgather_bucket_size`` for ``"auto"``: the HF integration's
     hidden_size^2, but never more than the trainable elements DeepSpeed holds. Each bucket is a
-    buffer (two with overlap_comm): a fixed 5e8 is 2 GB of bf16 per GPU for tens of MB of adapters."""
+    buffer (two with overlap_comm): a fixed 5e8 is 2 GB of bf16 per GPU for tens of MB of adapters.
+    Rounded up to a multiple of 8."""
     square = hidden_size * hidden_size
-    return max(1, min(square, engine_numel)) if engine_numel is not None else square
+    size = min(square, engine_numel) if engine_numel is not None else square
+    return max(8, -(-size // 8) * 8)  # DeepSpeed asserts an even allgather bucket; 8 keeps buffers aligned

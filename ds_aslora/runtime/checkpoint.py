@@ -17,6 +17,7 @@ needs a filesystem every rank shares (DeepSpeed's node-local storage mode is ref
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
@@ -257,6 +258,11 @@ def _check(load_dir: str, tag: Optional[str], engine: Any, world: int, bank: Opt
                              f"without them would restart from random shared tensors or untied layers")
         if given is not None and not saved:
             raise ValueError(f"checkpoint {tag!r} has no {what}: it was saved by another method or without them")
+    if meta["zero_stage"] > 0:  # DeepSpeed's own partition file for this rank (same world and stage: checked)
+        rank = rank_and_world()[0]
+        if not glob.glob(os.path.join(load_dir, tag, f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt")):
+            raise FileNotFoundError(f"checkpoint {tag!r} lacks rank {rank}'s optimizer partition "
+                                    f"(zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)")
     if merger is not None:  # the files this rank reads (its own, or a few after a re-cut): O(1) per rank
         for r in merger.saved_ranks_needed(meta["world_size"]):
             if not os.path.isfile(os.path.join(load_dir, tag, MEANS_FILE.format(rank=r))):
@@ -284,11 +290,18 @@ def load_checkpoint(engine: Any, load_dir: str, tag: Optional[str] = None, *, ba
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
         error = f"{type(err).__name__}: {err}".split("\n")[0]
     raise_together(error, CheckpointError)
-    with _reads_to_cpu(engine):
-        path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
-    if path is None or engine.global_steps != meta["global_steps"]:
-        raise CheckpointError(f"DeepSpeed did not restore {os.path.join(load_dir, tag)!r} (step {engine.global_steps}, "
-                              f"expected {meta['global_steps']})")
+    # DeepSpeed fails on the rank whose file is bad (None, or an exception) and carries on elsewhere:
+    # every rank must stop together, not wait in the next collective for the one that left.
+    path, client, error = None, None, None
+    try:
+        with _reads_to_cpu(engine):
+            path, client = engine.load_checkpoint(load_dir, tag, load_module_strict=False)
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        error = f"{type(err).__name__}: {err}".split("\n")[0]
+    if error is None and (path is None or engine.global_steps != meta["global_steps"]):
+        error = (f"DeepSpeed did not restore {os.path.join(load_dir, tag)!r} (step {engine.global_steps}, expected "
+                 f"{meta['global_steps']})")
+    raise_together(error, CheckpointError)
     if bank is not None:
         bank.load_state_dict(client["shared_bank"])
     if rng is not None:

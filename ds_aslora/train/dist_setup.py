@@ -15,16 +15,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..utils.ranks import free_port
+from ..utils.ranks import free_port, object_group, set_object_group
 
 LAUNCHER_ENV = ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
-# What the job reads from the environment that must be the same on every rank: caches, offline
-# mode, the accelerator. The pdsh launcher carries only some variables to other nodes
-# (.deepspeed_env adds more): a cache that differs per node silently tokenises or converts twice.
+# What the job reads from the environment that must be the same on every rank: caches and offline
+# mode. The pdsh launcher carries only some variables to other nodes (.deepspeed_env adds more): a
+# cache that differs per node silently tokenises or converts twice. (DS_ACCELERATOR is not here: it
+# is read by deepspeed.init_distributed, before any check could run.)
 AGREED_ENV = ("DS_ASLORA_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
-              "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM")
+              "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 SETUP_WAIT = timedelta(hours=4)  # a rank waiting for another's tokenising or model conversion
-_SETUP_GROUP: list = []  # gloo, for the waits behind slow one-rank work and for object exchange
 
 
 def local_rank() -> int:
@@ -58,7 +58,7 @@ def init_distributed(timeout_minutes: float) -> None:
 def _connect_setup_group(timeout: timedelta) -> None:
     """The only gloo traffic of an NCCL job. Connected with the normal timeout: a hostname that
     resolves to loopback (Ubuntu's 127.0.1.1) or an unroutable interface fails here, in minutes."""
-    _SETUP_GROUP.clear()
+    set_object_group(None)
     if dist.get_world_size() == 1:
         return
     try:
@@ -71,7 +71,7 @@ def _connect_setup_group(timeout: timedelta) -> None:
             "this host's name resolves to; if that is loopback or not routable between nodes, set "
             "GLOO_SOCKET_IFNAME to the interface the nodes share (e.g. the one in NCCL_SOCKET_IFNAME), on every "
             "node") from None
-    _SETUP_GROUP.append(group)
+    set_object_group(group)  # also carries raise_together's messages
 
 
 def barrier() -> None:
@@ -82,16 +82,16 @@ def barrier() -> None:
 def setup_barrier() -> None:
     """Wait for work one rank per node does (tokenising a large dataset, converting the default
     model), up to ``SETUP_WAIT``: the collective timeout would kill the waiting ranks first."""
-    if _SETUP_GROUP:
-        dist.monitored_barrier(group=_SETUP_GROUP[0], timeout=SETUP_WAIT, wait_all_ranks=True)
+    if object_group() is not None:
+        dist.monitored_barrier(group=object_group(), timeout=SETUP_WAIT, wait_all_ranks=True)
 
 
 def gather_objects(value: object) -> list:
     """Every rank's ``value``, on every rank (over the setup group: no accelerator memory)."""
-    if not _SETUP_GROUP:
+    if object_group() is None:
         return [value]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value, group=_SETUP_GROUP[0])
+    dist.all_gather_object(out, value, group=object_group())
     return out
 
 

@@ -293,9 +293,14 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         except (OSError, ValueError) as err:
             raise ConfigError(str(err)) from None
     # The default model is converted once per node (locked); every rank then reads it.
-    model_path = run.model.model if run.model.model == TINY else (
-        resolve_model_path(run.model.model) if local_rank() == 0 else None)
+    model_path, error = (run.model.model if run.model.model == TINY else None), None
+    if model_path is None and local_rank() == 0:
+        try:
+            model_path = resolve_model_path(run.model.model)
+        except (ValueError, OSError) as err:  # the waiting ranks must not wait 4 hours, nor die on a reset
+            error = str(err)
     setup_barrier()
+    raise_together(error, ConfigError)
     model_path = model_path or resolve_model_path(run.model.model)
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
@@ -439,9 +444,13 @@ def execute(s: Setup) -> dict:
 
 
 def write_summary(out: str, summary: dict) -> None:
-    """The run's figures for scripts (bench/quality.py reads them); rank 0 writes."""
+    """The run's figures for scripts (bench/quality.py reads them); rank 0 writes. A disk that refuses
+    it (quota) is reported, not raised: the other ranks are about to enter the sample's collectives."""
     if rank_and_world()[0] == 0:
-        write_text(os.path.join(out, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        try:
+            write_text(os.path.join(out, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        except OSError as err:
+            print(f"warning: could not write {os.path.join(out, SUMMARY)}: {err}", file=sys.stderr, flush=True)
 
 
 def report(summary: dict) -> None:

@@ -9,11 +9,12 @@ schedule (``lr_at``, set up by the job).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,12 +105,33 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _discovering_external_parameters(engine: Any) -> Iterator[None]:
+    """What DeepSpeed's engine.forward turns on around a ZeRO-3 forward (and generate() bypasses):
+    a module reading another module's parameter (a shared or tied adapter tensor) gets it fetched."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict, ensure_zero_ordered_dict
+
+    modules = list(engine.module.modules())
+    for module in modules:
+        ensure_zero_ordered_dict(module)
+        module._parameters._in_forward = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            if isinstance(module._parameters, ZeROOrderedDict):
+                module._parameters._in_forward = False
+
+
 def generate(engine: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 48) -> str:
     """Greedy continuation with the KV cache, run by every rank alike: under ZeRO-3 the forwards are
     collective, so ranks that finish early keep stepping until all have (``synced_gpus``)."""
     engine.eval()
     ids = torch.tensor([prompt_ids], device=engine.device)
-    with torch.no_grad():
+    with torch.no_grad(), _discovering_external_parameters(engine):
         out = engine.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                      synced_gpus=engine.zero_optimization_stage() == 3 and rank_and_world()[1] > 1)

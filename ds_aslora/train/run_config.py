@@ -155,8 +155,8 @@ class TrainingConfig:
     eval_interval: int = _help("evaluate every this many optimizer steps and at the end; 0: never", 100)
     eval_batches: Optional[int] = _help("micro-batches per rank per evaluation; unset: the whole eval set")
     dist_timeout_minutes: float = _help(
-        "timeout of collectives (NCCL/gloo): a rank stuck or gone without a broken connection stops the others "
-        "after at most this long (a killed process is noticed at once); setup waits on slow one-rank work "
+        "timeout of collectives (NCCL/gloo), DeepSpeed's groups included: a rank stuck or gone stops the others "
+        "after at most this long (a killed process is usually noticed sooner); setup waits on slow one-rank work "
         "(tokenising, model conversion) use 4 hours", 30.0)
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ learns every rank's outcome and all raise the same error, or none does.
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 
@@ -39,13 +39,26 @@ def remove_shm_buffers(port: int | str) -> None:
             pass
 
 
+_OBJECT_GROUP: list = []  # a CPU (gloo) group for small Python objects, when the job made one
+
+
+def set_object_group(group: Optional[Any]) -> None:
+    """Where ``raise_together`` exchanges its messages: a gloo group keeps the pickles off the GPU
+    (NCCL's all_gather_object moves them through device memory, with host syncs)."""
+    _OBJECT_GROUP[:] = [group] if group is not None else []
+
+
+def object_group() -> Optional[Any]:
+    return _OBJECT_GROUP[0] if _OBJECT_GROUP else None
+
+
 def raise_together(error: Optional[str], exc_type: type[Exception] = RuntimeError) -> None:
     """Collective: raise ``exc_type`` on every rank if any rank passed an error message."""
     errors = [error]
     world = rank_and_world()[1]
     if world > 1:
         errors = [None] * world
-        dist.all_gather_object(errors, error)
+        dist.all_gather_object(errors, error, group=object_group())
     found = [(rank, e) for rank, e in enumerate(errors) if e]
     if found and len(found) == len(errors) and len({e for _, e in found}) == 1:
         raise exc_type(found[0][1])  # every rank hit the same problem: no rank to name
