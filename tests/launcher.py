@@ -6,6 +6,7 @@ import sys
 from ds_aslora.utils.ranks import free_port, remove_shm_buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PY = os.path.join(ROOT, "launch", "train.py")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r", "4", "--alpha", "8",
           "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
@@ -35,3 +36,18 @@ def launch(assets, out, *args, ranks=2, stage=3, check=True):
 FP16_ON_CPU = ["-c", "import sys; from deepspeed.accelerator import get_accelerator; "
                "type(get_accelerator()).is_fp16_supported = lambda self: True; "
                f"sys.path.insert(0, {ROOT!r}); from ds_aslora.train.job import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def job(assets, out, *args, stage=2, model=None, data=None, script=(TRAIN_PY,), ds=None, stdout=False, env=None):
+    """One process (plain python), the tiny base unless ``model``: returns (status, error lines, stderr)
+    (and stdout with ``stdout``)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "DS_ASLORA_CACHE": str(assets["root"] / "cache"), **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    cmd = [sys.executable, *script, "--deepspeed", ds or os.path.join(ROOT, "ds_configs", f"zero{stage}.json"),
+           "--model", model or assets["base"], "--data", data or assets["train"], "--output_dir", str(out),
+           "--max_steps", "2", "--max_seq_length", "64", "--eval_interval", "0", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    return (done.returncode, errors, done.stderr) + ((done.stdout,) if stdout else ())

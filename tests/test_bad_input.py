@@ -4,14 +4,10 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import pytest
-from launcher import FP16_ON_CPU, ROOT, launch
-
-TRAIN_PY = os.path.join(ROOT, "launch", "train.py")
+from launcher import FP16_ON_CPU, ROOT, job, launch
 
 
 def snapshot(folder, exact=False):
@@ -29,21 +25,6 @@ def snapshot(folder, exact=False):
                 digest = hashlib.sha256(fh.read()).hexdigest() if exact else None
             entries.append((os.path.relpath(path, folder), os.stat(path).st_size, os.stat(path).st_mtime_ns, digest))
     return sorted(entries)
-
-
-def job(assets, out, *args, stage=2, model=None, data=None, script=(TRAIN_PY,), ds=None, stdout=False):
-    """One process (plain python), the tiny base unless ``model``: returns (status, error lines, stderr)
-    (and stdout with ``stdout``)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(key, None)
-    cmd = [sys.executable, *script, "--deepspeed", ds or os.path.join(ROOT, "ds_configs", f"zero{stage}.json"),
-           "--model", model or assets["base"], "--data", data or assets["train"], "--output_dir", str(out),
-           "--max_steps", "2", "--max_seq_length", "64", "--eval_interval", "0", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
-    return (done.returncode, errors, done.stderr) + ((done.stdout,) if stdout else ())
 
 
 def write_jsonl(path, rows):
@@ -125,7 +106,7 @@ def test_each_bad_input_is_one_clear_line_and_leaves_the_output_dir_untouched(as
 def test_runs_that_do_not_fit_the_output_dir_or_checkpoint_are_refused(assets, existing_run, tmp_path):
     before = snapshot(existing_run)
     cases = [
-        ([], "already holds a run", "pass --resume auto to continue it or --overwrite_output_dir"),
+        ([], "another adapter config", "r=4 there, 8 here; output_dir"),  # the same folder, another run
         (["--resume", "auto", "--r", "8"], "another adapter config", "r=4 there, 8 here"),
         (["--resume", "auto", "--r", "4", "--method", "sharelora"], "another adapter config", "method='lora' there"),
         (["--resume", str(tmp_path / "nowhere")], "no such checkpoint folder", "nowhere"),

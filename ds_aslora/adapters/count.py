@@ -34,6 +34,11 @@ def count_trainable(model: nn.Module) -> int:
     return sum(numel(p) for pid, p in params.items() if pid not in retired)
 
 
+def count_plain_lora(model: nn.Module) -> int:
+    """What peft's LoRA of the same rank on the same targets would train: the yardstick of sharing."""
+    return sum(layer.r * (layer.in_features + layer.out_features) for _, layer in adapter_layers(model))
+
+
 def count_after_merges(model: nn.Module, merges: int) -> int:
     """ASLoRA's count once every module type has had ``merges`` merges (methods.md §1.4):
     each merge retires one B group of r * d_out parameters; one group always remains."""

@@ -23,7 +23,7 @@ import os
 import pickle
 import random
 import socket
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -164,10 +164,11 @@ def _reads_to_cpu(engine: Any) -> Iterator[None]:
 
 def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, bank: Optional[ReplicatedBank] = None,
                     merger: Optional[MergeCoordinator] = None, client_state: Optional[dict] = None,
-                    export_adapter: bool = False) -> str:
+                    export_adapter: bool = False, adapter_files: Optional[Callable[[str], None]] = None) -> str:
     """Collective: every rank calls it at the same step. Returns the checkpoint folder.
     ``export_adapter``: also write the compact adapter (fp32 masters) to ``<folder>/adapter``,
-    so ``launch/export.py`` can turn any checkpoint into a peft or merged model offline."""
+    so ``launch/export.py`` can turn any checkpoint into a peft or merged model offline;
+    ``adapter_files(folder)``: what rank 0 adds there (the tokenizer), before the checkpoint counts as complete."""
     rank, world = rank_and_world()
     tag = str(tag or f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)
@@ -181,6 +182,13 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
     atomic_write(os.path.join(folder, RNG_FILE.format(rank=rank)), lambda tmp: torch.save(rng, tmp))
     if export_adapter:
         export_engine(engine, compact_dir=os.path.join(folder, ADAPTER_DIR))
+        error = None
+        if rank == 0 and adapter_files is not None:
+            try:
+                adapter_files(os.path.join(folder, ADAPTER_DIR))
+            except OSError as err:
+                error = f"could not write beside the adapter of {folder!r}: {err}"
+        raise_together(error, CheckpointError)
     if bank is not None:
         state["shared_bank"] = on_cpu(bank.state_dict())
     if merger is not None:

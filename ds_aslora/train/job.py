@@ -13,18 +13,19 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..adapters.count import count_trainable
+from ..adapters.count import count_plain_lora, count_trainable
 from ..adapters.inject import inject_adapters
 from ..export.adapter import export_engine
 from ..merging.coordinator import MergeCoordinator
 from ..merging.schedule import ScheduleError, model_schedule
 from ..planning.inventory import engine_numel, inventory
 from ..runtime.checkpoint import (
+    ADAPTER_DIR,
     LATEST,
     CheckpointError,
     check_resumable,
@@ -40,13 +41,16 @@ from ..utils.ranks import raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import PreparedData, cache_dir_of, prepare_data
 from .dist_setup import barrier, check_ranks, init_distributed, local_rank, setup_barrier
+from .exports import BEST, export_best, save_tokenizer, serving_tokenizer, vllm_command
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
     TINY,
     check_model_folder,
     enable_activation_checkpointing,
+    is_hub_id,
     load_model,
     load_tokenizer,
+    offline_unless_hub_id,
     resolve_model_path,
 )
 from .render import Renderer
@@ -91,14 +95,19 @@ def apply_embedded_defaults(run: RunConfig) -> None:
     setup_barrier()
 
 
-def resume_point(run: RunConfig) -> Optional[tuple[str, str]]:
-    """Decided by global rank 0 and broadcast: ranks that read ``latest`` themselves could
-    disagree (caching, a file one node does not see) and walk into different collectives."""
+class AlreadyFinished(Exception):
+    """The output directory holds this run, finished: nothing to do (exit 0, saying where the results are)."""
+
+
+def decided_by_rank0(decide: Callable[[], Any]) -> Any:
+    """``decide()`` on global rank 0, its answer (or ConfigError) broadcast: ranks that read
+    ``latest`` or ``summary.json`` themselves could disagree (caching, a file one node does not
+    see) and walk into different collectives."""
     rank, world = rank_and_world()
     decision: list = [None]
     if rank == 0:
         try:
-            decision = [("ok", check_output_dir(run))]
+            decision = [("ok", decide())]
         except ConfigError as err:
             decision = [("error", str(err))]
     if world > 1:
@@ -110,7 +119,8 @@ def resume_point(run: RunConfig) -> Optional[tuple[str, str]]:
 
 
 def check_output_dir(run: RunConfig) -> Optional[tuple[str, str]]:
-    """Which checkpoint to resume (``(dir, tag)``) or None; refuses to train over another run."""
+    """Which checkpoint to resume (``(dir, tag)``) or None. An output_dir that holds a run continues
+    it (the same command run again picks up where it stopped), unless overwrite_output_dir."""
     ckpt_dir = os.path.join(run.logging.output_dir, CHECKPOINTS)
     latest = os.path.join(ckpt_dir, LATEST)
     resume = run.checkpoint.resume
@@ -128,9 +138,31 @@ def check_output_dir(run: RunConfig) -> Optional[tuple[str, str]]:
             raise ConfigError(f"resume={resume!r}: no such checkpoint folder")
         return os.path.dirname(folder), os.path.basename(folder)
     if os.path.isfile(latest) and not run.checkpoint.overwrite_output_dir:
-        raise ConfigError(f"output_dir {run.logging.output_dir!r} already holds a run ({latest}); pass --resume auto "
-                          f"to continue it or --overwrite_output_dir to start over")
+        with open(latest) as f:
+            return ckpt_dir, f.read().strip()
     return None
+
+
+def finished_run(out: str, resume_from: tuple[str, str], max_steps: int) -> Optional[str]:
+    """Rank 0: a message when ``resume_from`` is where this output_dir's run finished (its summary
+    names it, the exports were written after it, and it reached max_steps or stopped early)."""
+    path = os.path.join(out, SUMMARY)
+    if not os.path.isfile(path) or os.path.abspath(resume_from[0]) != os.path.abspath(os.path.join(out, CHECKPOINTS)):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if summary.get("checkpoint") != resume_from[1]:
+        return None
+    if summary.get("steps", 0) < max_steps and "stopped_early" not in summary:
+        return None
+    how = (f"stopped early at step {summary['steps']}" if "stopped_early" in summary
+           else f"step {summary['steps']} of {max_steps}")
+    return (f"output_dir {out!r} holds this run, finished ({how}): adapters in {os.path.join(out, ADAPTER)}, figures "
+            f"in {path}, TensorBoard: tensorboard --logdir {os.path.join(out, RUNS)}. To train again pass "
+            f"--overwrite_output_dir or another --output_dir; a larger --max_steps continues it")
 
 
 def check_shared_filesystem(out: str) -> None:
@@ -252,9 +284,9 @@ def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
     return data
 
 
-def rotate_checkpoints(ckpt_dir: str, keep: Optional[int]) -> None:
+def rotate_checkpoints(ckpt_dir: str, keep: Optional[int], best: Optional[str] = None) -> None:
     """Rank 0, after a completed save: delete the oldest ``global_step*`` beyond ``keep``
-    (never the one ``latest`` names)."""
+    (never the one ``latest`` names, nor ``best``, the checkpoint with the best eval loss)."""
     if keep is None:
         return
     with open(os.path.join(ckpt_dir, LATEST)) as f:
@@ -265,7 +297,8 @@ def rotate_checkpoints(ckpt_dir: str, keep: Optional[int]) -> None:
     tags = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("global_step") and t[11:].isdigit()
                    and step(t) <= step(latest)), key=step)  # folders past latest: another timeline
     for tag in tags[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, tag))
+        if tag != best:
+            shutil.rmtree(os.path.join(ckpt_dir, tag))
 
 
 def setup(run: RunConfig, ds_path: str) -> "Setup":
@@ -280,7 +313,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         say(line)
     if run.data.data is None:
         apply_embedded_defaults(run)
-    resume_from = resume_point(run)
+    resume_from = decided_by_rank0(lambda: check_output_dir(run))
     ds_json = load_ds_config(ds_path)
     # Checked before any data is read; with num_train_epochs the steps need the prepared data first.
     derived = derive(run, world, ds_json, ds_path=ds_path) if run.training.num_train_epochs is None else None
@@ -291,7 +324,14 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
                                         stage=ds_json.get("zero_optimization", {}).get("stage", 0),
                                         adapter=run.adapter.to_dict())
         except (OSError, ValueError) as err:
-            raise ConfigError(str(err)) from None
+            hint = "" if run.checkpoint.resume else (
+                f"; output_dir {run.logging.output_dir!r} holds that run: pass --overwrite_output_dir to start over "
+                f"or choose another output_dir")
+            raise ConfigError(f"{err}{hint}") from None
+        if derived is not None:  # the same run, already finished: say where its results are
+            finished = decided_by_rank0(lambda: finished_run(run.logging.output_dir, resume_from, derived.max_steps))
+            if finished:
+                raise AlreadyFinished(finished)
     # The default model is converted once per node (locked); every rank then reads it.
     model_path, error = (run.model.model if run.model.model == TINY else None), None
     if model_path is None and local_rank() == 0:
@@ -301,7 +341,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
             error = str(err)
     setup_barrier()
     raise_together(error, ConfigError)
-    model_path = model_path or resolve_model_path(run.model.model)
+    model_path = model_path or resolve_model_path(run.model.model, download=False)  # the cache local rank 0 filled
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
     try:
@@ -321,6 +361,10 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         derived = derive(run, world, ds_json, ds_path=ds_path, train_sequences=len(data.train))
         say(f"num_train_epochs {run.training.num_train_epochs:g}: {len(data.train):,} training sequences / global "
             f"batch {derived.global_batch_size} -> {derived.max_steps} steps")
+        if resume_from is not None:
+            finished = decided_by_rank0(lambda: finished_run(out, resume_from, derived.max_steps))
+            if finished:
+                raise AlreadyFinished(finished)
     meta = meta_model(run, config)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=config.hidden_size,
@@ -329,7 +373,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         check_aslora_schedule(meta, derived.max_steps)             # run keeps the schedule it started with)
     model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
                                    trust_remote_code=run.model.trust_remote_code)
-    source = model_path
+    source = run.model.model if is_hub_id(run.model.model) else model_path  # what an export records as its base
     torch.manual_seed(run.training.seed)  # adapter initialisation (rank 0's is broadcast)
     inject_adapters(model, run.adapter)
     if run.model.activation_checkpointing:
@@ -345,6 +389,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         for name in (CHECKPOINTS, RUNS, ADAPTER):  # the previous run's, not mixed into this one's
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     barrier()
+    client: dict = {}
     if resume_from is not None:
         client = load_checkpoint(engine, resume_from[0], resume_from[1], bank=bank, merger=merger)
         check_same_data(client.get("data", {}), data_identity(run, derived, data))
@@ -355,7 +400,9 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
             # (later folders are set aside when a save reaches their step)
             write_text(os.path.join(ckpt_dir, LATEST), resume_from[1])
         barrier()
-        say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}")
+        say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}"
+            + ("" if run.checkpoint.resume else " (the unfinished run in output_dir; --overwrite_output_dir starts "
+               "over)"))
     if rank == 0:
         save_resolved(run, ds_config, out)
     # after a resume, events the crashed run logged past its checkpoint are dropped
@@ -368,7 +415,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         logger.text("aslora/schedule", engine.global_steps, schedule)
 
     return Setup(run=run, derived=derived, engine=engine, bank=bank, merger=merger, tokenizer=tokenizer,
-                 data=data, source=source, keep_alive=keep_alive, logger=logger, ckpt_dir=ckpt_dir, started=started)
+                 data=data, source=source, keep_alive=keep_alive, logger=logger, ckpt_dir=ckpt_dir, started=started,
+                 base_config=config, client=client)
 
 
 @dataclasses.dataclass
@@ -387,6 +435,8 @@ class Setup:
     logger: RunLogger
     ckpt_dir: str
     started: float
+    base_config: Any  # the base model's transformers config (its shape rebuilds a checkpoint's peft export)
+    client: dict  # the resumed checkpoint's client_state ({} for a new run)
 
 
 def execute(s: Setup) -> dict:
@@ -399,18 +449,28 @@ def execute(s: Setup) -> dict:
         f"global batch {derived.global_batch_size} ({derived.micro_batch_size} x {derived.gradient_accumulation_steps} "
         f"x {world} ranks); {derived.max_steps} steps; {derived.dtype}; ZeRO-{engine.zero_optimization_stage()}")
 
+    serving = serving_tokenizer(tokenizer, data.format)
+    base_name = None if source == TINY else source if is_hub_id(source) else os.path.abspath(source)
+
     def save(step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger, export_adapter=True,
-                        client_state={"data_position": step, "data": data_identity(run, derived, data)})
+        tag = f"global_step{step}"
+        job.best.saved(tag, step)
+        save_checkpoint(engine, ckpt_dir, tag, bank=bank, merger=merger, export_adapter=True,
+                        adapter_files=lambda folder: save_tokenizer(serving, folder),
+                        client_state={"data_position": step, "data": data_identity(run, derived, data),
+                                      "best": job.best.state_dict()})
         if rank == 0:
-            rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit)
+            rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit, best=job.best.checkpoint)
         barrier()
 
     job = Job(engine=engine, bank=bank, merger=merger, derived=derived, train_data=data.train,
               eval_data=data.eval, pad_id=tokenizer.pad_token_id, seed=run.training.seed, logger=logger,
               log_interval=run.logging.log_interval, eval_interval=run.training.eval_interval,
-              eval_batches=run.training.eval_batches, save_interval=run.checkpoint.save_interval, save=save)
-    summary: dict[str, Any] = {"output_dir": out, "trainable": trainable}
+              eval_batches=run.training.eval_batches, save_interval=run.checkpoint.save_interval, save=save,
+              early_stopping_patience=run.training.early_stopping_patience)
+    job.best.load_state_dict(s.client.get("best", {}))
+    summary: dict[str, Any] = {"output_dir": out, "method": run.adapter.method, "trainable": trainable,
+                               "plain_lora_trainable": count_plain_lora(engine.module)}
     if data.eval is not None and engine.global_steps == 0:
         before = evaluate(job)
         logger.scalars(0, before)
@@ -423,11 +483,27 @@ def execute(s: Setup) -> dict:
         if evals:
             summary["perplexity_after"] = evals[-1]["eval/perplexity"]
         summary["final_loss"] = history[-1]["train/loss"] if history else None
-    export_engine(engine, peft_dir=os.path.join(out, ADAPTER, "peft"),
-                  compact_dir=os.path.join(out, ADAPTER, "compact"),
-                  base_model_name_or_path=None if source == TINY else os.path.abspath(source))
+    peft_dir, compact_dir = os.path.join(out, ADAPTER, "peft"), os.path.join(out, ADAPTER, "compact")
+    export_engine(engine, peft_dir=peft_dir, compact_dir=compact_dir, base_model_name_or_path=base_name)
+    error = None
+    if rank == 0:
+        try:
+            save_tokenizer(serving, peft_dir, compact_dir)
+            if job.best.checkpoint is not None:
+                export_best(os.path.join(ckpt_dir, job.best.checkpoint, ADAPTER_DIR), s.base_config,
+                            os.path.join(out, ADAPTER, BEST), serving, base_name)
+        except (OSError, ValueError) as err:
+            error = f"export failed: {type(err).__name__}: {err}"
+    raise_together(error, OSError)
+    if job.best.checkpoint is not None:
+        summary.update(best_checkpoint=os.path.join(ckpt_dir, job.best.checkpoint),
+                       best_eval_loss=job.best.checkpoint_loss)
+    if job.stopped_early:
+        summary["stopped_early"] = job.stopped_early
+    summary["serve"] = vllm_command(base_name or "<base model folder>", os.path.abspath(peft_dir), run.adapter.r)
     # DeepSpeed counts a step the fp16 loss scaler skipped in global_steps; the adapters moved steps - skipped times
-    summary.update(wall_seconds=time.time() - s.started, steps=engine.global_steps, skipped_steps=engine.skipped_steps)
+    summary.update(wall_seconds=time.time() - s.started, steps=engine.global_steps, skipped_steps=engine.skipped_steps,
+                   checkpoint=f"global_step{engine.global_steps}")  # a rerun finds the run finished at it
     if merger is not None:
         summary["live_B_groups"] = merger.policy.live_groups()
         summary["trainable_after_merges"] = count_trainable(engine.module)
@@ -454,8 +530,18 @@ def write_summary(out: str, summary: dict) -> None:
 
 
 def report(summary: dict) -> None:
+    """The closing lines: what the run reached and where its results are."""
+    if "stopped_early" in summary:
+        say(f"stopped at step {summary['steps']}: {summary['stopped_early']}")
     if "perplexity_before" in summary and "perplexity_after" in summary:
         say(f"held-out perplexity: {summary['perplexity_before']:.2f} -> {summary['perplexity_after']:.2f}")
+    trainable = summary.get("trainable_after_merges", summary["trainable"])
+    say(f"{summary['method']}: {trainable:,} trainable parameters"
+        + (f" after merges (live B groups {summary['live_B_groups']})" if "live_B_groups" in summary else "")
+        + f" = {trainable / summary['plain_lora_trainable']:.1%} of plain LoRA's {summary['plain_lora_trainable']:,}")
+    if "best_checkpoint" in summary:
+        say(f"best checkpoint: {summary['best_checkpoint']} (eval loss {summary['best_eval_loss']:.4f}), its adapter "
+            f"in {os.path.join(summary['output_dir'], ADAPTER, BEST)}")
     if summary.get("skipped_steps"):
         say(f"{summary['skipped_steps']} of {summary['steps']} steps were skipped by the fp16 loss scaler (gradient "
             f"overflow): the adapters were updated {summary['steps'] - summary['skipped_steps']} times")
@@ -464,23 +550,26 @@ def report(summary: dict) -> None:
     say(f"done in {summary['wall_seconds']:.0f} s ({summary['steps']} steps); adapters in "
         f"{os.path.join(summary['output_dir'], ADAPTER)}; TensorBoard: tensorboard --logdir "
         f"{os.path.join(summary['output_dir'], RUNS)}")
+    say(f"serve with vLLM: {summary['serve']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``launch/train.py``: exit status 0 on success, 2 on bad input, 3 when the loss
     became NaN or inf (one line each)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         run, ds_path = parse_run_config(argv)
     except ConfigError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    offline_unless_hub_id(run.model.model)
     init_distributed(run.training.dist_timeout_minutes)
     try:
         try:
             prepared = setup(run, ds_path)
+        except AlreadyFinished as done:
+            say(str(done))
+            return 0
         except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
             rank = rank_and_world()[0]
             if rank == 0:

@@ -4,8 +4,9 @@ Per optimizer step: this rank's micro-batches of the global batch (``GlobalBatch
 through ``micro_step`` (forward, backward, the bank's all-reduce at the boundary, the engine's
 and the bank's updates, ASLoRA's merges), the loss normalised by the global batch's target
 tokens, a NaN/inf check of the loss and the gradient norm agreed by all ranks, then logging,
-evaluation and checkpoints at their intervals. The learning rate comes from the engine's
-schedule (``lr_at``, set up by the job).
+evaluation and checkpoints at their intervals (every checkpoint evaluated, so the best one is known;
+``early_stopping_patience`` evaluations without improvement end the run). The learning rate comes from
+the engine's schedule (``lr_at``, set up by the job).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..runtime.replicated_bank import ReplicatedBank
 from ..runtime.step import micro_step
 from ..utils.ranks import rank_and_world
 from .batches import EvalBatches, GlobalBatches, model_inputs
+from .best import BestTracker
 from .resolved import Derived
 from .tensorboard_log import RunLogger
 
@@ -51,6 +53,9 @@ class Job:
     eval_batches: Optional[int]
     save_interval: int
     save: Callable[[int], None]  # collective: checkpoint at this step
+    early_stopping_patience: Optional[int] = None
+    best: BestTracker = field(default_factory=BestTracker)
+    stopped_early: Optional[str] = None  # the reason, when early stopping ended the run
     history: list[dict] = field(default_factory=list)  # what was logged, for tests and the summary
 
 
@@ -218,15 +223,21 @@ def train(job: Job, start_step: int) -> list[dict]:
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}",
                                 tok_s=f"{record['train/tokens_per_second']:.0f}")
                 window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
-            if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0
-                                                                     or step == derived.max_steps):
+            saving = bool(job.save_interval and step % job.save_interval == 0) or step == derived.max_steps
+            if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0 or saving):
                 scores = evaluate(job)
                 record.update(scores)
                 job.logger.scalars(step, scores)
+                job.best.observe(step, scores["eval/loss"])  # every rank: the same all-reduced loss
             job.history.append(record)
             bar.update(1)
-            if job.save_interval and step % job.save_interval == 0 or step == derived.max_steps:
+            job.stopped_early = job.best.stop_reason(job.early_stopping_patience)
+            if saving or job.stopped_early:
                 job.save(step)
+            if job.stopped_early:
+                if rank == 0:
+                    bar.write(f"step {step}: {job.stopped_early}")
+                break
     finally:
         bar.close()  # also on an error: its line ends before the error's
     return job.history

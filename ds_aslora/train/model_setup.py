@@ -1,10 +1,12 @@
-"""The base model and its tokenizer, as the job loads them: a local folder, the embedded
-default (SmolLM2-135M-Instruct, converted once into the cache) or ``tiny`` (a small random
-Llama with a byte-level tokenizer, for smoke tests). Under ZeRO-3 the model is partitioned
-while it loads (``ds_aslora.runtime.base_model.load_base_model``)."""
+"""The base model and its tokenizer, as the job loads them: a local folder, a Hugging Face
+hub id (through huggingface_hub's cache), the embedded default (SmolLM2-135M-Instruct,
+converted once into the cache) or ``tiny`` (a small random Llama with a byte-level tokenizer,
+for smoke tests). Under ZeRO-3 the model is partitioned while it loads
+(``ds_aslora.runtime.base_model.load_base_model``)."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -40,9 +42,54 @@ def tiny_config(vocab_size: int = 259) -> Any:
                        tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258)
 
 
-def resolve_model_path(model: Optional[str]) -> str:
+# owner/name, as the hub spells repository ids; a path that exists locally always wins
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# weights in other formats than the one transformers loads, skipped when the repository has safetensors
+NOT_NEEDED_WITH_SAFETENSORS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*"]
+
+
+def is_hub_id(model: Optional[str]) -> bool:
+    """A Hugging Face model id (``org/name``) rather than a local folder, ``tiny`` or the default."""
+    return model is not None and not os.path.exists(model) and bool(HUB_ID.match(model))
+
+
+def hub_snapshot(repo_id: str, download: bool) -> str:
+    """The local folder of ``repo_id`` in huggingface_hub's cache, downloaded first when ``download``
+    (and the hub is not switched off with HF_HUB_OFFLINE); FileNotFoundError in one line otherwise."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import constants as hub
+
+    download = download and not hub.HF_HUB_OFFLINE
+    try:
+        ignore = None
+        if download:
+            files = [s.rfilename for s in HfApi().model_info(repo_id).siblings or []]
+            ignore = NOT_NEEDED_WITH_SAFETENSORS if any(f.endswith(".safetensors") for f in files) else None
+        return snapshot_download(repo_id, local_files_only=not download, ignore_patterns=ignore)
+    except Exception as err:  # noqa: BLE001 - the hub's errors (offline, unknown id, gated, HTTP) have no common base
+        why = " ".join(str(err).split())[:300]
+        where = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1, or a rank "
+                 "other than each node's first)") if not download else "it could not be downloaded"
+        raise FileNotFoundError(f"model {repo_id!r} is not a local folder and {where}: {type(err).__name__}: {why}. "
+                                f"Pass a local Hugging Face folder, or download it first "
+                                f"(huggingface-cli download {repo_id})") from None
+
+
+def offline_unless_hub_id(model: Optional[str]) -> None:
+    """Nothing but a hub id needs the hub: everything else loads from local folders, and a machine
+    without network must not wait on connection timeouts (the user's own setting wins)."""
+    if not is_hub_id(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model_path(model: Optional[str], download: bool = True) -> str:
     """``None``: the embedded default, converted once per machine (the cache build is locked,
-    so local ranks wait for one build). Otherwise the given folder or ``tiny``."""
+    so local ranks wait for one build). A hub id: its snapshot in huggingface_hub's cache
+    (``download``: fetched first; each node's first rank downloads, the others then read the
+    cache). Otherwise the given folder or ``tiny``."""
+    if is_hub_id(model):
+        return hub_snapshot(model, download)
     if model is not None:
         return model
     from .assets import default_model_dir
@@ -53,8 +100,8 @@ def resolve_model_path(model: Optional[str]) -> str:
 def check_model_folder(path: str) -> None:
     """A clear error before transformers' own, for the common mistakes."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} not found (no hub access at run time: pass a local "
-                                f"Hugging Face folder, 'tiny', or nothing for the embedded default)")
+        raise FileNotFoundError(f"model folder {path!r} not found (pass a local Hugging Face folder, a hub id "
+                                f"org/name, 'tiny', or nothing for the embedded default)")
     files = os.listdir(path)
     if "config.json" not in files:
         raise FileNotFoundError(f"model folder {path!r} has no config.json")

@@ -9,24 +9,22 @@ result instead of tokenising. It needs the tokenizer only, never the model's wei
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Optional, Sequence
 
 from .data import cache_dir_of, default_workers, prepare_data
 from .job import apply_embedded_defaults
-from .model_setup import load_tokenizer, resolve_model_path
+from .model_setup import load_tokenizer, offline_unless_hub_id, resolve_model_path
 from .run_config import ConfigError, parse_run_config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when the data is prepared (or already was), 2 on bad input (one line)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     started = time.perf_counter()
     try:
         run, _ = parse_run_config(argv, require_deepspeed=False)
+        offline_unless_hub_id(run.model.model)
         if run.data.data is None:
             apply_embedded_defaults(run)
         tokenizer = load_tokenizer(resolve_model_path(run.model.model), run.model.trust_remote_code)

@@ -27,6 +27,16 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}")
 
 
+def standalone_fallback_template(tokenizer: Any) -> str:
+    """``FALLBACK_CHAT_TEMPLATE`` as saved with an adapter: training puts the tokenizer's default prefix
+    (BOS for Llama) before the rendered text, which ``apply_chat_template`` does not, so the saved
+    template writes it itself and renders exactly the ids training saw."""
+    prefix = _default_prefix(tokenizer)
+    if prefix and prefix == [tokenizer.bos_token_id]:
+        return "{{ bos_token }}" + FALLBACK_CHAT_TEMPLATE
+    return FALLBACK_CHAT_TEMPLATE
+
+
 def _messages(row: Mapping[str, Any], index: int) -> list[dict[str, str]]:
     """OpenAI ``messages`` or ShareGPT ``conversations`` as [{role, content}]."""
     if row.get("messages") is not None:

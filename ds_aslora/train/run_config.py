@@ -154,6 +154,9 @@ class TrainingConfig:
     seed: int = _help("seed of the adapter initialisation, the data order and the eval split", 42)
     eval_interval: int = _help("evaluate every this many optimizer steps and at the end; 0: never", 100)
     eval_batches: Optional[int] = _help("micro-batches per rank per evaluation; unset: the whole eval set")
+    early_stopping_patience: Optional[int] = _help(
+        "stop when this many evaluations in a row did not lower the best eval loss (a checkpoint is saved at "
+        "the stop); unset: never")
     dist_timeout_minutes: float = _help(
         "timeout of collectives (NCCL/gloo), DeepSpeed's groups included: a rank stuck or gone stops the others "
         "after at most this long (a killed process is usually noticed sooner); setup waits on slow one-rank work "
@@ -178,6 +181,9 @@ class TrainingConfig:
         _check_min("max_grad_norm", self.max_grad_norm, 0.0)
         _check_min("eval_interval", self.eval_interval, 0)
         _check_min("eval_batches", self.eval_batches, 1)
+        _check_min("early_stopping_patience", self.early_stopping_patience, 1)
+        require(self.early_stopping_patience is None or self.eval_interval > 0,
+                "early_stopping_patience needs evaluations: set eval_interval > 0")
         require(self.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes!r}")
 
 
@@ -204,10 +210,13 @@ class CheckpointConfig:
 
     save_interval: int = _help("save a checkpoint every this many optimizer steps and at the end; 0: at the end",
                                500)
-    save_total_limit: Optional[int] = _help("keep the last this many checkpoints; unset: keep all", 3)
-    resume: Optional[str] = _help("auto (the latest checkpoint in output_dir, if any) | a checkpoint folder")
-    overwrite_output_dir: bool = _help("train in an output_dir that already holds checkpoints, ignoring them",
-                                       False)
+    save_total_limit: Optional[int] = _help(
+        "keep the last this many checkpoints, and the one with the best eval loss; unset: keep all", 3)
+    resume: Optional[str] = _help(
+        "auto (the latest checkpoint in output_dir, if any) | a checkpoint folder; unset: an output_dir holding a "
+        "run continues it (the same command run again picks up where it stopped; a finished run exits 0)")
+    overwrite_output_dir: bool = _help("train in an output_dir that already holds a run, deleting its checkpoints, "
+                                       "adapters and TensorBoard events", False)
 
     def __post_init__(self) -> None:
         _check_min("save_interval", self.save_interval, 0)
