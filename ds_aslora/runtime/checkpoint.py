@@ -167,7 +167,7 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
                     export_adapter: bool = False) -> str:
     """Collective: every rank calls it at the same step. Returns the checkpoint folder.
     ``export_adapter``: also write the compact adapter (fp32 masters) to ``<folder>/adapter``,
-    so ``launch/export.py`` can turn any checkpoint into a peft or merged model offline."""
+    so ``ds-aslora-export`` can turn any checkpoint into a peft or merged model offline."""
     rank, world = rank_and_world()
     tag = str(tag or f"global_step{engine.global_steps}")
     folder = os.path.join(save_dir, tag)

@@ -341,10 +341,16 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
-def help_text() -> str:
-    """``--help``: every flag by section, with its help and default."""
-    lines = ["usage: deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] "
-             "[--FIELD VALUE ...]", "",
+# --help's first lines: the job's spellings, from a checkout and installed.
+TRAIN_USAGE = ("usage: deepspeed [--num_gpus N] launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] "
+               "[--FIELD VALUE ...]\n"
+               "   or: deepspeed --module ds_aslora.train ..., torchrun -m ds_aslora.train ...; one process: "
+               "python -m ds_aslora.train ... or ds-aslora-train ...")
+
+
+def help_text(usage: str = TRAIN_USAGE) -> str:
+    """``--help``: the usage line(s), then every flag by section, with its help and default."""
+    lines = [usage, "",
              "--config FILE: flat YAML {field: value}; flags given on the command line override it.",
              "Booleans: --flag / --flag false. Lists: --target_modules q_proj,v_proj."]
     for section, cls in SECTIONS.items():
@@ -360,7 +366,7 @@ def shown_default(f: dataclasses.Field) -> Any:
     return "unset" if default is None else default
 
 
-def _read_cli(argv: Sequence[str]) -> tuple[dict[str, str], Optional[str], Optional[str]]:
+def _read_cli(argv: Sequence[str], usage: str) -> tuple[dict[str, str], Optional[str], Optional[str]]:
     """Split argv into ({field: raw string}, --config, --deepspeed); the last of a repeated flag wins."""
     options: dict[str, str] = {}
     special: dict[str, Optional[str]] = {CONFIG: None, DEEPSPEED: None, LOCAL_RANK: None}
@@ -369,7 +375,7 @@ def _read_cli(argv: Sequence[str]) -> tuple[dict[str, str], Optional[str], Optio
         token = argv[i]
         i += 1
         if token in ("-h", "--help"):
-            print(help_text())
+            print(help_text(usage))
             raise SystemExit(0)
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}: options are --name value or --name=value")
@@ -414,15 +420,15 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def parse_run_config(argv: Optional[Sequence[str]] = None, *,
-                     require_deepspeed: bool = True) -> tuple[RunConfig, Optional[str]]:
+def parse_run_config(argv: Optional[Sequence[str]] = None, *, require_deepspeed: bool = True,
+                     usage: str = TRAIN_USAGE) -> tuple[RunConfig, Optional[str]]:
     """(RunConfig, DeepSpeed JSON path) from ``--config`` YAML and command-line overrides.
 
     ``--deepspeed FILE`` is required (on the command line or as the YAML key ``deepspeed``) unless
     ``require_deepspeed`` is false (data preparation needs none); ``--local_rank`` (DeepSpeed's
-    launcher) is accepted and ignored.
+    launcher) is accepted and ignored. ``usage`` heads ``--help``.
     """
-    options, config_path, ds_path = _read_cli(sys.argv[1:] if argv is None else argv)
+    options, config_path, ds_path = _read_cli(sys.argv[1:] if argv is None else argv, usage)
     values = load_yaml(config_path) if config_path else {}
     require(CONFIG not in values, f"run config {config_path!r}: 'config' cannot be nested")
     yaml_ds = values.pop(DEEPSPEED, None)
