@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from launcher import launch
 
 from ds_aslora.train.run_config import FIELDS
@@ -85,10 +86,13 @@ def test_prepare_help_names_its_own_command(capsys):
 
 
 @pytest.mark.slow
-def test_deepspeed_module_runs_a_job(assets, tmp_path):
+def test_deepspeed_module_runs_a_job_given_other_trainers_names(assets, tmp_path):
     out = tmp_path / "out"
-    launch(assets, out, "--max_steps", "2", "--save_interval", "1", "--eval_interval", "0", ranks=1, stage=2,
-           module=True)
+    launch(assets, out, "--max_steps", "2", "--save_steps", "1", "--eval_interval", "0", "--lr_scheduler_type",
+           "constant_with_warmup", ranks=1, stage=2, module=True)
     assert {"global_step1", "global_step2", "latest"} <= set(os.listdir(out / "checkpoints"))
     with open(out / "summary.json") as f:
         assert json.load(f)["steps"] == 2
+    with open(out / "run_config.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert (saved["save_interval"], saved["lr_scheduler"]) == (1, "constant") and "save_steps" not in saved
