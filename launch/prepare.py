@@ -1,6 +1,7 @@
 """Tokenise and pack a run's data ahead of the job: ``python launch/prepare.py --config run.yaml [--flags]``.
 
 The same options as ``launch/train.py``; the job then reads the cache instead of tokenising.
+Installed, the same command is ``ds-aslora-prepare``; the code is ``ds_aslora/train/prepare.py``.
 """
 import os
 import sys

@@ -1,6 +1,8 @@
 """The fine-tuning job: ``deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] [--flags]``.
 
-Also runs under ``torchrun`` and with plain ``python`` (one process). Every option: ``--help``.
+Also runs under ``torchrun`` and with plain ``python`` (one process). Installed, the same job is
+``deepspeed --module ds_aslora.train``, ``python -m ds_aslora.train`` or ``ds-aslora-train``; the
+code is ``ds_aslora/train/job.py``. Every option: ``--help``.
 """
 import os
 import sys

@@ -1,5 +1,4 @@
 """Offline export: merged Hugging Face folders and peft dirs built from a compact adapter + base folder."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,10 +27,9 @@ SIDE_FILES = {"tokenizer_config.json": '{"model_max_length": 64}', "chat_templat
 
 
 def cli():
-    spec = importlib.util.spec_from_file_location("export_cli", os.path.join(ROOT, "launch", "export.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from ds_aslora.export.cli import main
+
+    return main
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 Expected numbers are derived here from the configs' dimensions, never copied from the program.
 """
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -186,16 +185,11 @@ def test_activation_formula_matches_saved_tensors_exactly(attention, cfg):
         assert est.checkpointing < est.no_checkpointing
 
 
-def _plan_cli():
-    spec = importlib.util.spec_from_file_location("plan_cli", os.path.join(ROOT, "launch", "plan.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_70b_aslora_zero3_4x8(capsys):
+    from ds_aslora.planning.cli import main
+
     lora, share_a, per_merge = expected_counts("llama2-70b")
-    _plan_cli().main(["--model-config", os.path.join(CONFIGS, "llama2-70b.json"), "--method", "aslora", "--r", "64",
+    main(["--model-config", os.path.join(CONFIGS, "llama2-70b.json"), "--method", "aslora", "--r", "64",
                       "--targets", "all-linear", "--zero", "3", "--nodes", "4", "--gpus", "8", "--merges", "60"])
     out = capsys.readouterr().out
     assert f"{lora:,}" in out and f"{share_a:,}" in out and f"{share_a - 60 * per_merge:,}" in out

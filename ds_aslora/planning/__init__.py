@@ -2,7 +2,7 @@
 
 ``inventory`` (every tensor of the adapted model and what ZeRO-3 keeps resident),
 ``activations`` (saved activations per decoder layer) and ``memory`` (the plan, checked against
-DeepSpeed's own estimators). ``launch/plan.py`` prints it.
+DeepSpeed's own estimators). ``cli`` prints it (``ds-aslora-plan``; ``launch/plan.py`` from a checkout).
 
 May import: ``merging`` (ASLoRA's schedule), ``adapters``, ``utils``. Not ``runtime``, ``export`` or
 ``train``.

@@ -167,7 +167,7 @@ def save_checkpoint(engine: Any, save_dir: str, tag: Optional[str] = None, *, ba
                     export_adapter: bool = False, adapter_files: Optional[Callable[[str], None]] = None) -> str:
     """Collective: every rank calls it at the same step. Returns the checkpoint folder.
     ``export_adapter``: also write the compact adapter (fp32 masters) to ``<folder>/adapter``,
-    so ``launch/export.py`` can turn any checkpoint into a peft or merged model offline;
+    so ``ds-aslora-export`` can turn any checkpoint into a peft or merged model offline;
     ``adapter_files(folder)``: what rank 0 adds there (the tokenizer), before the checkpoint counts as complete."""
     rank, world = rank_and_world()
     tag = str(tag or f"global_step{engine.global_steps}")

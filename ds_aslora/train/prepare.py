@@ -1,6 +1,6 @@
 """Prepare a run's data ahead of the job: tokenise and pack into the cache ``launch/train.py`` reads.
 
-    python launch/prepare.py --config run.yaml [--FIELD VALUE ...]
+    python launch/prepare.py --config run.yaml [--FIELD VALUE ...]     # installed: ds-aslora-prepare
 
 Takes the same ``--config`` and flags as the job (``--deepspeed`` optional; options the data does
 not use are accepted and ignored, so one YAML serves both). On a cluster run it once, on one node
@@ -18,12 +18,15 @@ from .job import apply_embedded_defaults
 from .model_setup import load_tokenizer, offline_unless_hub_id, resolve_model_path
 from .run_config import ConfigError, parse_run_config
 
+USAGE = ("usage: python launch/prepare.py [--config run.yaml] [--FIELD VALUE ...]\n"
+         "   or: ds-aslora-prepare ... (installed); the job's options, --deepspeed optional")
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when the data is prepared (or already was), 2 on bad input (one line)."""
     started = time.perf_counter()
     try:
-        run, _ = parse_run_config(argv, require_deepspeed=False)
+        run, _ = parse_run_config(argv, require_deepspeed=False, usage=USAGE)
         offline_unless_hub_id(run.model.model)
         if run.data.data is None:
             apply_embedded_defaults(run)

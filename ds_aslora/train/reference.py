@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .run_config import SECTIONS, shown_default
+from .run_config import SECTIONS, aliases_of, shown_default
 
 INTRO = """# Options of the training job
 
@@ -19,7 +19,13 @@ Every option is a flag (`--name VALUE`) and a key of the flat `--config` YAML fi
 flags override the file. Booleans: `--flag` or `--flag false`. Lists: `--target_modules q_proj,v_proj`.
 "Unset" settings that a DeepSpeed JSON may also hold take the JSON's value, else the default the help
 names; set in both and different is an error. Besides these: `--config FILE`, `--deepspeed FILE`
-(required) and DeepSpeed's `--local_rank`. `--help` prints the same list."""
+(required) and DeepSpeed's `--local_rank`. `--help` prints the same list.
+
+The names other trainers use (Hugging Face Trainer/TRL, peft, LLaMA-Factory, axolotl) are read as
+ours, in flags and YAML alike: the "also" column, with how a value that means something else there is
+read. One option under two names in one source (the YAML file, or the command line) is an error; a
+flag overrides the file under either name. The saved `run_config.yaml` uses the names of the first
+column."""
 
 
 def _cell(value: object) -> str:
@@ -27,12 +33,14 @@ def _cell(value: object) -> str:
 
 
 def option_reference() -> str:
-    """Markdown: one table per run-config section, every field with its default and help."""
+    """Markdown: one table per run-config section, every field with its aliases, default and help."""
     parts = [INTRO]
     for section, cls in SECTIONS.items():
-        parts += ["", f"## {section}", "", "| option | default | meaning |", "|---|---|---|"]
+        parts += ["", f"## {section}", "", "| option | also | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
-            parts.append(f"| `--{f.name}` | `{_cell(shown_default(f))}` | {_cell(f.metadata.get('help', ''))} |")
+            also = ", ".join(f"`--{a}`" + (f" ({_cell(note)})" if note else "") for a, note in aliases_of(f.name))
+            default, meaning = _cell(shown_default(f)), _cell(f.metadata.get("help", ""))
+            parts.append(f"| `--{f.name}` | {also} | `{default}` | {meaning} |")
     return "\n".join(parts) + "\n"
 
 

@@ -3,7 +3,8 @@
 ``parse_run_config(argv)`` reads ``--config run.yaml`` (a flat mapping: each key is a field
 name, the same name as its command-line flag, no sections) and then the command line, which
 overrides the file field by field. Every field name is unique across sections, so a name
-means one thing everywhere; unknown names fail with the closest valid one.
+means one thing everywhere; unknown names fail with the closest valid one. Other trainers' names
+for our options (``ALIASES``: ``lora_r``, ``eval_steps``, ...) are read as ours.
 
 Settings that also exist in a DeepSpeed JSON (batch sizes, learning rate, weight decay,
 clipping, precision, warmup and total steps) default to *unset* (``None``, or ``"auto"`` for
@@ -18,7 +19,7 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import yaml
 
@@ -245,6 +246,114 @@ def _field_index() -> dict[str, tuple[str, Any]]:
 FIELDS = _field_index()
 
 
+# ------------------------------------------------------------------------------------------ aliases
+# Users arrive with configs and habits from Hugging Face's Trainer/TRL, peft, LLaMA-Factory and axolotl:
+# their names for our options are read as ours, in flags and YAML alike, so such a config needs renaming
+# nowhere. Each alias is one field; where the other tool's value means something else, ``convert`` turns
+# it into ours (``NOT_SET``: the alias sets nothing). Everything we write (run_config.yaml) uses our names.
+
+NOT_SET = object()
+
+
+def _when_true(ours: str) -> Callable[[Any, str], Any]:
+    """A boolean switch of another tool (``bf16: true``): true sets ``ours``, false sets nothing."""
+    def convert(value: Any, where: str) -> Any:
+        return ours if _convert(value, bool, where) else NOT_SET
+    return convert
+
+
+def _resume_from_checkpoint(value: Any, where: str) -> Any:
+    """HF's path or boolean: true resumes from the latest checkpoint (our auto), false resumes nothing."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "auto" if _convert(value, bool, where) else None
+    return value
+
+
+def _lora_target(value: Any, where: str) -> Any:
+    """LLaMA-Factory's ``all`` is every linear layer; a comma list reads as ours."""
+    return "all-linear" if isinstance(value, str) and value.strip().lower() == "all" else value
+
+
+def _val_size(value: Any, where: str) -> Any:
+    """LLaMA-Factory's val_size and axolotl's val_set_size: a fraction below 1 is ours; from 1 up it counts
+    rows, which eval_fraction cannot say: refused rather than read as a fraction."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value  # _convert names the bad value
+    require(number < 1, f"{where}: {value!r} is a number of rows; eval_fraction holds out a fraction of the data: "
+                        f"give a value in [0, 1) (rows / training rows)")
+    return value
+
+
+def _lr_scheduler_type(value: Any, where: str) -> Any:
+    """HF's constant_with_warmup is our constant (ours always warms up); the other names are shared."""
+    return "constant" if value == "constant_with_warmup" else value
+
+
+class Alias(NamedTuple):
+    """Another tool's name for ``field``; ``convert(value, where)`` reads that tool's value, ``note`` says how.
+    ``switch``: a bare ``--name`` on the command line means true."""
+
+    field: str
+    convert: Optional[Callable[[Any, str], Any]] = None
+    note: str = ""
+    switch: bool = False
+
+
+ALIASES: dict[str, Alias] = {
+    # model (HF/TRL/LLaMA-Factory; axolotl)
+    "model_name_or_path": Alias("model"),
+    "base_model": Alias("model"),
+    "bf16": Alias("dtype", _when_true("bf16"), "true: dtype bf16", switch=True),
+    "fp16": Alias("dtype", _when_true("fp16"), "true: dtype fp16", switch=True),
+    "gradient_checkpointing": Alias("activation_checkpointing"),
+    # adapter (peft/LLaMA-Factory/axolotl)
+    "lora_r": Alias("r"),
+    "lora_rank": Alias("r"),
+    "lora_alpha": Alias("alpha"),
+    "lora_dropout": Alias("dropout"),
+    "lora_target": Alias("target_modules", _lora_target, "all: all-linear"),
+    "lora_target_modules": Alias("target_modules"),
+    "lora_target_linear": Alias("target_modules", _when_true("all-linear"), "true: all-linear", switch=True),
+    # data (LLaMA-Factory; TRL; axolotl)
+    "dataset": Alias("data"),
+    "eval_dataset": Alias("eval_data"),
+    "cutoff_len": Alias("max_seq_length"),
+    "max_length": Alias("max_seq_length"),
+    "sequence_len": Alias("max_seq_length"),
+    "sample_packing": Alias("packing"),
+    "val_size": Alias("eval_fraction", _val_size, "a fraction; a row count is refused"),
+    "val_set_size": Alias("eval_fraction", _val_size, "a fraction; a row count is refused"),
+    # training (HF Trainer/TRL; axolotl)
+    "per_device_train_batch_size": Alias("micro_batch_size"),
+    "num_epochs": Alias("num_train_epochs"),
+    "lr_scheduler_type": Alias("lr_scheduler", _lr_scheduler_type, "constant_with_warmup: constant"),
+    "eval_steps": Alias("eval_interval"),
+    # logging, checkpoints (HF Trainer; axolotl)
+    "logging_steps": Alias("log_interval"),
+    "save_steps": Alias("save_interval"),
+    "resume_from_checkpoint": Alias("resume", _resume_from_checkpoint, "true: auto"),
+    "auto_resume_from_checkpoints": Alias("resume", _when_true("auto"), "true: auto", switch=True),
+}
+assert all(a.field in FIELDS for a in ALIASES.values()), "an alias names no field"
+assert not set(ALIASES) & {*FIELDS, CONFIG, DEEPSPEED, LOCAL_RANK}, "an alias shadows an option"
+
+
+def aliases_of(name: str) -> list[tuple[str, str]]:
+    """(alias, note) for each other name of field ``name``: ``--help`` and the option reference list them."""
+    return [(alias, a.note) for alias, a in ALIASES.items() if a.field == name]
+
+
+def _suggest(name: str, candidates: Sequence[str], show: Callable[[str], str]) -> str:
+    """'; did you mean X?' with the closest known name, shown by ``show`` (an alias with its field), or ''."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    if not close:
+        return ""
+    field_of = f" (= {show(ALIASES[close[0]].field)})" if close[0] in ALIASES else ""
+    return f"; did you mean {show(close[0])}{field_of}?"
+
+
 @dataclass
 class RunConfig:
     """Every setting of one training run, by section; ``to_dict``/``from_dict`` use the flat layout."""
@@ -272,13 +381,31 @@ class RunConfig:
             raise ConfigError(str(err)) from None
 
 
-def _typed(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Each value converted to its field's type; unknown keys refused with the closest known one."""
-    typed = {}
+def _typed(values: Mapping[str, Any], source: str, flags: bool = False) -> dict[str, Any]:
+    """{field: value} converted to the fields' types from one source (a YAML file, the command line when
+    ``flags``): aliases read as their fields, unknown keys refused with the closest known name, one field
+    under two names refused (which would win is a guess)."""
+    typed: dict[str, Any] = {}
+    named: dict[str, str] = {}
     for key, value in values.items():
-        if key not in FIELDS:
+        shown = f"--{key}" if flags else repr(key)
+        where = shown if flags else f"{key} in {source}"
+        name = key
+        if key in ALIASES:
+            alias = ALIASES[key]
+            name = alias.field
+            if alias.convert:
+                value = alias.convert(value, where)
+            if value is NOT_SET:
+                continue
+        elif key not in FIELDS:
             raise ConfigError(_unknown_key(key, value, source))
-        typed[key] = _convert(value, FIELDS[key][1], f"{key} in {source}")
+        if name in named:
+            other = f"--{named[name]}" if flags else repr(named[name])
+            raise ConfigError(f"{other} and {shown} both set {name}" + ("" if flags else f" in {source}")
+                              + ": give one")
+        named[name] = key
+        typed[name] = _convert(value, FIELDS[name][1], where)
     return typed
 
 
@@ -286,8 +413,8 @@ def _unknown_key(key: str, value: Any, source: str) -> str:
     if key in SECTIONS and isinstance(value, Mapping):
         return (f"{source}: {key!r} is a section name, but the run config is flat: write its fields "
                 f"({', '.join(list(value)[:3])}) at the top level")
-    close = difflib.get_close_matches(key, list(FIELDS), n=1)
-    return f"unknown key {key!r} in {source}" + (f"; did you mean {close[0]!r}?" if close else " (see --help)")
+    hint = _suggest(key, [*FIELDS, *ALIASES], repr)
+    return f"unknown key {key!r} in {source}" + (hint or " (see --help)")
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -350,16 +477,26 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
-def help_text() -> str:
-    """``--help``: every flag by section, with its help and default."""
-    lines = ["usage: deepspeed launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] "
-             "[--FIELD VALUE ...]", "",
+# --help's first lines: the job's spellings, from a checkout and installed.
+TRAIN_USAGE = ("usage: deepspeed [--num_gpus N] launch/train.py --deepspeed ds_configs/zero3.json [--config run.yaml] "
+               "[--FIELD VALUE ...]\n"
+               "   or: deepspeed --module ds_aslora.train ..., torchrun -m ds_aslora.train ...; one process: "
+               "python -m ds_aslora.train ... or ds-aslora-train ...")
+
+
+def help_text(usage: str = TRAIN_USAGE) -> str:
+    """``--help``: the usage line(s), then every flag by section, with its help and default."""
+    lines = [usage, "",
              "--config FILE: flat YAML {field: value}; flags given on the command line override it.",
-             "Booleans: --flag / --flag false. Lists: --target_modules q_proj,v_proj."]
+             "Booleans: --flag / --flag false. Lists: --target_modules q_proj,v_proj.",
+             "Other trainers' names (HF Trainer/TRL, peft, LLaMA-Factory, axolotl) are read as ours: the 'also' "
+             "names below, in flags and YAML; one option under two names in one source is an error."]
     for section, cls in SECTIONS.items():
         lines += ["", f"{section}:"]
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name} (default: {shown_default(f)}): {f.metadata.get('help', '')}")
+            also = ", ".join(f"--{alias}" + (f" [{note}]" if note else "") for alias, note in aliases_of(f.name))
+            also = f"; also {also}" if also else ""
+            lines.append(f"  --{f.name} (default: {shown_default(f)}{also}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -369,7 +506,7 @@ def shown_default(f: dataclasses.Field) -> Any:
     return "unset" if default is None else default
 
 
-def _read_cli(argv: Sequence[str]) -> tuple[dict[str, str], Optional[str], Optional[str]]:
+def _read_cli(argv: Sequence[str], usage: str) -> tuple[dict[str, str], Optional[str], Optional[str]]:
     """Split argv into ({field: raw string}, --config, --deepspeed); the last of a repeated flag wins."""
     options: dict[str, str] = {}
     special: dict[str, Optional[str]] = {CONFIG: None, DEEPSPEED: None, LOCAL_RANK: None}
@@ -378,19 +515,19 @@ def _read_cli(argv: Sequence[str]) -> tuple[dict[str, str], Optional[str], Optio
         token = argv[i]
         i += 1
         if token in ("-h", "--help"):
-            print(help_text())
+            print(help_text(usage))
             raise SystemExit(0)
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}: options are --name value or --name=value")
         name, has_value, value = token[2:].partition("=")
         name = name.replace("-", "_")
-        if name not in FIELDS and name not in special:
-            close = difflib.get_close_matches(name, [*FIELDS, *special], n=1)
-            raise ConfigError(f"unknown option --{name}" + (f"; did you mean --{close[0]}?" if close else
-                                                            " (--help lists the options)"))
+        if name not in FIELDS and name not in ALIASES and name not in special:
+            hint = _suggest(name, [*FIELDS, *ALIASES, *special], lambda n: f"--{n}")
+            raise ConfigError(f"unknown option --{name}" + (hint or " (--help lists the options)"))
         if not has_value:
             nxt = argv[i] if i < len(argv) else None
-            if name in FIELDS and FIELDS[name][1] is bool:
+            target = ALIASES[name].field if name in ALIASES else name
+            if (name in ALIASES and ALIASES[name].switch) or (target in FIELDS and FIELDS[target][1] is bool):
                 value = "true"
                 if nxt is not None and nxt.lower() in _TRUE + _FALSE:
                     value, i = nxt, i + 1
@@ -423,21 +560,21 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def parse_run_config(argv: Optional[Sequence[str]] = None, *,
-                     require_deepspeed: bool = True) -> tuple[RunConfig, Optional[str]]:
+def parse_run_config(argv: Optional[Sequence[str]] = None, *, require_deepspeed: bool = True,
+                     usage: str = TRAIN_USAGE) -> tuple[RunConfig, Optional[str]]:
     """(RunConfig, DeepSpeed JSON path) from ``--config`` YAML and command-line overrides.
 
     ``--deepspeed FILE`` is required (on the command line or as the YAML key ``deepspeed``) unless
     ``require_deepspeed`` is false (data preparation needs none); ``--local_rank`` (DeepSpeed's
-    launcher) is accepted and ignored.
+    launcher) is accepted and ignored. ``usage`` heads ``--help``.
     """
-    options, config_path, ds_path = _read_cli(sys.argv[1:] if argv is None else argv)
+    options, config_path, ds_path = _read_cli(sys.argv[1:] if argv is None else argv, usage)
     values = load_yaml(config_path) if config_path else {}
     require(CONFIG not in values, f"run config {config_path!r}: 'config' cannot be nested")
     yaml_ds = values.pop(DEEPSPEED, None)
     ds_path = ds_path or yaml_ds
     typed = _typed(values, repr(config_path))
-    typed.update({k: _convert(v, FIELDS[k][1], f"--{k}") for k, v in options.items()})  # the command line wins
+    typed.update(_typed(options, "the command line", flags=True))  # the command line wins, under any name
     run = RunConfig.from_dict(typed)
     require(bool(ds_path) or not require_deepspeed, "no DeepSpeed config: pass --deepspeed FILE (shipped: "
                                                     "ds_configs/zero2.json, ds_configs/zero3.json, "
