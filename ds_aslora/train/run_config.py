@@ -364,6 +364,8 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # the fields the user set (YAML or flags, by our names): defaults of a preset apply to the others only
+    given: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value}, the YAML layout (``save_resolved`` writes it; ``from_dict`` reads it back)."""
@@ -576,6 +578,7 @@ def parse_run_config(argv: Optional[Sequence[str]] = None, *, require_deepspeed:
     typed = _typed(values, repr(config_path))
     typed.update(_typed(options, "the command line", flags=True))  # the command line wins, under any name
     run = RunConfig.from_dict(typed)
+    run.given = frozenset(typed)
     require(bool(ds_path) or not require_deepspeed, "no DeepSpeed config: pass --deepspeed FILE (shipped: "
                                                     "ds_configs/zero2.json, ds_configs/zero3.json, "
                                                     "ds_configs/zero3_offload.json)")
