@@ -52,7 +52,7 @@ from .model_setup import (
 from .render import Renderer
 from .resolved import deepspeed_config, derive, lr_at, save_resolved
 from .run_config import ConfigError, RunConfig, parse_run_config
-from .tensorboard_log import RunLogger
+from .run_log import RunLogger
 
 CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU.

@@ -26,7 +26,7 @@ from ..runtime.step import micro_step
 from ..utils.ranks import rank_and_world
 from .batches import EvalBatches, GlobalBatches, model_inputs
 from .resolved import Derived
-from .tensorboard_log import RunLogger
+from .run_log import RunLogger
 
 
 class NonFiniteLoss(RuntimeError):
