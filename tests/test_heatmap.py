@@ -35,6 +35,17 @@ def test_layer_distances_expand_groups_to_layers_and_take_the_root():
     assert np.array_equal(values, values.T, equal_nan=True)
 
 
+def test_a_group_is_at_distance_zero_from_itself_whatever_the_diagonal_holds():
+    """The coordinator's matrix holds inf on its diagonal (never a merge candidate): the picture
+    still shows each group as a block of zeros, the darkest colour, not as pairs not computed."""
+    sq = torch.tensor([[INF, 4.0], [4.0, INF]], dtype=torch.float64)
+    values = layer_distances(sq, [(0, 1), (2,)], 3)
+    assert values[0, 0] == values[0, 1] == values[2, 2] == 0.0 and values[1, 2] == 2.0
+    image = render_heatmap(sq, [(0, 1), (2,)], 3, target_px=30)
+    assert tuple(image[5, 15]) == tuple(image[25, 25]) == tuple(colormap(0.0))
+    assert tuple(sq.diagonal()) == (INF, INF)  # the caller's matrix is left as it was
+
+
 def test_render_heatmap_colours_grey_and_outlines():
     groups = [(0, 1), (2,), (3, 4, 5)]
     sq = np.array([[0.0, 4.0, INF], [4.0, 0.0, 16.0], [INF, 16.0, 0.0]])

@@ -44,12 +44,15 @@ def _as_float_array(matrix: Any) -> np.ndarray:
 
 def layer_distances(sq_distances: Any, groups: Sequence[Sequence[int]], num_layers: int) -> np.ndarray:
     """(L, L) float64: entry (a, b) is ``sqrt(D[group(a), group(b)])``, NaN where ``D`` is inf / NaN
-    or a layer is in no group. ``sq_distances`` holds *squared* Frobenius distances between the
-    live groups' running means (``merging.policy.squared_distances``), rows in ``groups`` order."""
-    dist = _as_float_array(sq_distances)
+    or a layer is in no group; 0 within a group, whatever ``D``'s diagonal holds (the coordinator
+    leaves it inf: a group is never its own merge candidate). ``sq_distances`` holds *squared*
+    Frobenius distances between the live groups' running means (``merging.policy.squared_distances``),
+    rows in ``groups`` order."""
+    dist = _as_float_array(sq_distances).copy()
     n = len(groups)
     if dist.shape != (n, n):
         raise ValueError(f"need a {n}x{n} distance matrix for {n} groups, got shape {dist.shape}")
+    np.fill_diagonal(dist, 0.0)
     owner = _layer_to_group(groups, num_layers)
     with np.errstate(invalid="ignore"):
         plain = np.sqrt(np.maximum(dist, 0.0))   # a sharded sum can round slightly below 0
