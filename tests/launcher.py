@@ -11,13 +11,14 @@ COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r
           "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
 
 
-def launch(assets, out, *args, ranks=2, stage=3, check=True):
-    """One job through the deepspeed launcher; every finished job must exit 0 (no teardown abort)."""
+def launch(assets, out, *args, ranks=2, stage=3, check=True, ds=None):
+    """One job through the deepspeed launcher (``ds``: a DeepSpeed JSON instead of the shipped
+    ``zero{stage}.json``); every finished job must exit 0 (no teardown abort)."""
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), os.path.join(ROOT, "launch", "train.py"),
-           "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", assets["base"],
+           "--deepspeed", str(ds or os.path.join(ROOT, "ds_configs", f"zero{stage}.json")), "--model", assets["base"],
            "--data", assets["train"], "--eval_data", assets["eval"], "--output_dir", str(out), *COMMON, *args]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
