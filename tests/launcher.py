@@ -12,15 +12,16 @@ COMMON = ["--max_seq_length", "64", "--packing", "--micro_batch_size", "2", "--r
           "--eval_interval", "6", "--log_interval", "1", "--warmup_steps", "1", "--dtype", "fp32"]
 
 
-def launch(assets, out, *args, ranks=2, stage=3, check=True, module=False):
+def launch(assets, out, *args, ranks=2, stage=3, check=True, module=False, ds=None):
     """One job through the deepspeed launcher (``module``: ``--module ds_aslora.train`` instead of
-    launch/train.py); every finished job must exit 0 (no teardown abort)."""
+    launch/train.py; ``ds``: a DeepSpeed JSON instead of the shipped ``zero{stage}.json``); every
+    finished job must exit 0 (no teardown abort)."""
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "DS_ASLORA_CACHE": str(assets["root"] / "cache")}
     job = ["--module", "ds_aslora.train"] if module else [os.path.join(ROOT, "launch", "train.py")]
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), *job,
-           "--deepspeed", os.path.join(ROOT, "ds_configs", f"zero{stage}.json"), "--model", assets["base"],
+           "--deepspeed", str(ds or os.path.join(ROOT, "ds_configs", f"zero{stage}.json")), "--model", assets["base"],
            "--data", assets["train"], "--eval_data", assets["eval"], "--output_dir", str(out), *COMMON, *args]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

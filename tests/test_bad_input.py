@@ -1,6 +1,7 @@
 """Bad input gets one clear line on stderr and exit status 2, and the output directory is left
 as it was: every case a user writes by hand (data, model, configs, checkpoints)."""
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -58,6 +59,9 @@ def bad_inputs(assets, tmp):
     ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
     ds["optimizer"]["params"]["lr"] = 1e-4
     contradicting.write_text(json.dumps(ds))
+    with_wandb = tmp / "wandb.json"
+    with_wandb.write_text(json.dumps({**json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))),
+                                      "wandb": {"enabled": True}}))
     yaml_file = tmp / "run.yaml"
     yaml_file.write_text("learning_rate: 1e-3\nlearing_rate_warmup: 3\n")
     long_rows = write_jsonl(tmp / "long.jsonl", [{"text": "x" * 500}] * 4)
@@ -81,6 +85,9 @@ def bad_inputs(assets, tmp):
         ("unknown flag", ["--learing_rate", "1e-3"], {},
          "unknown option --learing_rate; did you mean --learning_rate?"),
         ("unknown yaml key", ["--config", str(yaml_file)], {}, "learing_rate_warmup"),
+        *([("wandb enabled, not installed", ["--deepspeed", str(with_wandb)], {},
+            f"wandb.enabled is true in {with_wandb} but 'wandb' is not installed (pip install wandb)")]
+          if importlib.util.find_spec("wandb") is None else []),
         ("unreachable ASLoRA schedule", ["--method", "aslora", "--merge_start", "1", "--merge_interval", "3",
                                          "--merges_per_event", "1"], {},
          "ASLoRA cannot reach 1 B groups per module type by step 2: 0 merge events (merge_start=1, merge_interval=3, "

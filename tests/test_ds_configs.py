@@ -7,7 +7,14 @@ from conftest import tiny_model, tokens
 from multirank import run_ranks
 
 from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.runtime.ds_config import auto_paths, auto_values, fill_auto, load_ds_config
+from ds_aslora.runtime.ds_config import (
+    MONITORS,
+    auto_paths,
+    auto_values,
+    fill_auto,
+    load_ds_config,
+    without_monitors,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
@@ -28,6 +35,15 @@ def test_every_auto_is_filled(path):
     filled = fill_auto(config, cpu_run_values(2))
     assert auto_paths(filled) == [] and filled["train_batch_size"] == 8
     assert auto_paths(config)  # the input is not modified
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_no_shipped_config_starts_a_deepspeed_monitor(path):
+    """The job logs every metric itself (TensorBoard, trainer_log.jsonl, and the monitors a user
+    enables): DeepSpeed's own tensorboard monitor would write a second loss curve into the run folder."""
+    config = load_ds_config(path)
+    assert not set(MONITORS) & set(config)
+    assert without_monitors({**config, "tensorboard": {"enabled": True}, "wandb": {"enabled": True}}) == config
 
 
 def test_unfillable_auto_and_bad_files_are_clear_errors(tmp_path):

@@ -222,8 +222,12 @@ def test_dtype_auto_follows_an_explicit_deepspeed_setting_then_the_device():
 def test_shipped_config_is_filled_and_a_scheduler_replaced(caplog):
     run = parse("--learning_rate", "3e-4", "--micro_batch_size", "2", "--gradient_accumulation_steps", "8",
                 "--max_steps", "500", "--warmup_steps", "25", "--weight_decay", "0.01", "--run_name", "r1")
-    # the shipped configs have no scheduler (the loop drives the lr); a user's WarmupCosineLR is replaced
-    ds_json = {**load_ds_config(ZERO3), "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto"}}}
+    # the shipped configs have no scheduler (the loop drives the lr); a user's WarmupCosineLR is replaced.
+    # A user's monitor sections with "auto" paths point into the run folder; DeepSpeed's tensorboard stays off.
+    auto_paths_section = {"output_path": "auto", "job_name": "auto"}
+    ds_json = {**load_ds_config(ZERO3), "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto"}},
+               "tensorboard": {"enabled": "auto", **auto_paths_section},
+               "csv_monitor": {"enabled": True, **auto_paths_section}}
     d = derive(run, 4, ds_json, ds_path=ZERO3, on_gpu=True)
     with caplog.at_level(logging.INFO, logger="ds_aslora.train.resolved"):
         filled = deepspeed_config(ds_json, d, "out/runs", ds_path=ZERO3, hidden_size=64)
@@ -234,7 +238,8 @@ def test_shipped_config_is_filled_and_a_scheduler_replaced(caplog):
     assert filled["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
                                              "torch_adam": True}
     assert filled["bf16"] == {"enabled": True} and "fp16" not in filled
-    assert filled["tensorboard"] == {"enabled": True, "output_path": "out/runs", "job_name": "r1"}
+    assert filled["tensorboard"] == {"enabled": False, "output_path": "out/runs", "job_name": "r1"}
+    assert filled["csv_monitor"] == {"enabled": True, "output_path": "out/runs", "job_name": "r1"}
     assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 640
     with pytest.raises(ValueError, match="zero_optimization.reduce_bucket_size"):
         deepspeed_config(ds_json, d)  # no hidden size: ZeRO-3's bucket sizes cannot be filled

@@ -2,8 +2,9 @@
 
 ``run_config`` (the flags and YAML keys), ``resolved`` (the run settled against the DeepSpeed JSON
 and the world size), ``data`` and ``batches`` (tokenised rows, global batches), ``model_setup``,
-``loop``, ``tensorboard_log``, ``assets`` (the embedded default model and text) and ``job`` (the
-whole run, start to end). The top room: nothing in ``ds_aslora`` imports it.
+``loop``, ``run_log`` (where metrics go: TensorBoard, DeepSpeed's monitors, ``trainer_log.jsonl``),
+``heatmap`` (ASLoRA's distance heatmap), ``assets`` (the embedded default model and text) and
+``job`` (the whole run, start to end). The top room: nothing in ``ds_aslora`` imports it.
 
 May import: every other room.
 """

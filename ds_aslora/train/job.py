@@ -1,7 +1,7 @@
 """The fine-tuning job behind ``launch/train.py``: run config -> model -> data -> engine ->
 resume -> loop -> export, on every rank of a DeepSpeed (or torchrun) launch.
 
-Rank-0 work (resolved config, TensorBoard, exports, the sample) is done by global rank 0;
+Rank-0 work (resolved config, the run log, exports, the sample) is done by global rank 0;
 per-node work (the default model's conversion, tokenised-data caches) by local rank 0 before
 a barrier. Bad input fails before anything is written to the output directory, with one line.
 """
@@ -34,7 +34,7 @@ from ..runtime.checkpoint import (
     model_identity,
     save_checkpoint,
 )
-from ..runtime.ds_config import load_ds_config
+from ..runtime.ds_config import load_ds_config, without_monitors
 from ..runtime.engine import initialize
 from ..utils.atomic import write_text
 from ..utils.ranks import raise_together, rank_and_world, remove_shm_buffers
@@ -56,7 +56,7 @@ from .model_setup import (
 from .render import Renderer
 from .resolved import deepspeed_config, derive, lr_at, save_resolved
 from .run_config import ConfigError, RunConfig, parse_run_config
-from .tensorboard_log import RunLogger
+from .run_log import TRAINER_LOG, RunLogger, deepspeed_monitor, missing_monitor_package
 
 CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU and show
@@ -373,6 +373,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=config.hidden_size,
                                  engine_numel=engine_numel(inventory(meta), shared_mode_of(run)))
+    # rank 0 writes the monitors: its packages count
+    raise_together(missing_monitor_package(ds_config, ds_path) if rank == 0 else None, ConfigError)
     if run.adapter.method == "aslora" and resume_from is None:  # refused before the model loads (a resumed
         check_aslora_schedule(meta, derived.max_steps)             # run keeps the schedule it started with)
     model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
@@ -382,8 +384,9 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     inject_adapters(model, run.adapter)
     if run.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    # the engine's scheduler also computes the lr after the last step: hold it there
-    engine, bank = initialize(model, ds_config, shared_mode=shared_mode_of(run),
+    # No monitors in the engine: the job logs every metric itself, to DeepSpeed's monitors too (run_log).
+    # The engine's scheduler also computes the lr after the last step: hold it there.
+    engine, bank = initialize(model, without_monitors(ds_config), shared_mode=shared_mode_of(run),
                               lr_schedule=lambda k: lr_at(min(k, derived.max_steps), derived))
     merger = None
     if run.adapter.method == "aslora":  # resuming: the checkpoint's schedule, not one for this max_steps
@@ -407,11 +410,21 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         say(f"resumed from {os.path.join(*resume_from)} at step {engine.global_steps}"
             + ("" if run.checkpoint.resume else " (the unfinished run in output_dir; --overwrite_output_dir starts "
                "over)"))
+    monitor, error = None, None
+    if rank == 0:  # DeepSpeed's monitors write from rank 0; after the overwrite, which would remove csv's folder
+        try:
+            monitor = deepspeed_monitor(ds_config)
+        except Exception as err:  # wandb or comet refusing to start (login, network): all ranks stop, none waits
+            error = f"a DeepSpeed monitor enabled in {ds_path} could not start: {err}"
+    raise_together(error, ConfigError)
     if rank == 0:
         save_resolved(run, ds_config, out)
     # after a resume, events the crashed run logged past its checkpoint are dropped
     logger = RunLogger(out, derived.run_name, enabled=rank == 0,
-                       purge_step=engine.global_steps + 1 if resume_from is not None else None)
+                       purge_step=engine.global_steps + 1 if resume_from is not None else None, monitor=monitor)
+    if ds_config.get("tensorboard", {}).get("enabled") is True:
+        say(f"note: DeepSpeed's tensorboard monitor ({ds_path}) is not started: the job writes TensorBoard itself, "
+            f"to {logger.log_dir} (DeepSpeed's would add a second loss curve there)")
     logger.text("config/run", engine.global_steps, "```\n" + json.dumps(run.to_dict(), indent=1, default=str) + "\n```")
     if merger is not None:  # the schedule in force (a resumed run's is the one it started with)
         schedule = merger.policy.schedule.describe(merger.policy.num_layers, merger.policy.counts)
@@ -477,7 +490,7 @@ def execute(s: Setup) -> dict:
                                "plain_lora_trainable": count_plain_lora(engine.module)}
     if data.eval is not None and engine.global_steps == 0:
         before = evaluate(job)
-        logger.scalars(0, before)
+        logger.scalars(0, {**before, "train/epoch": 0.0})
         summary["perplexity_before"] = before["eval/perplexity"]
         say(f"held-out perplexity before training: {before['eval/perplexity']:.2f}")
     start = engine.global_steps
@@ -553,7 +566,8 @@ def report(summary: dict) -> None:
         say(f"sample: {summary['sample']!r}")
     say(f"done in {summary['wall_seconds']:.0f} s ({summary['steps']} steps); adapters in "
         f"{os.path.join(summary['output_dir'], ADAPTER)}; TensorBoard: tensorboard --logdir "
-        f"{os.path.join(summary['output_dir'], RUNS)}")
+        f"{os.path.join(summary['output_dir'], RUNS)}; every logged step: "
+        f"{os.path.join(summary['output_dir'], TRAINER_LOG)}")
     say(f"serve with vLLM: {summary['serve']}")
 
 

@@ -28,7 +28,7 @@ from ..utils.ranks import rank_and_world
 from .batches import EvalBatches, GlobalBatches, model_inputs
 from .best import BestTracker
 from .resolved import Derived
-from .tensorboard_log import RunLogger
+from .run_log import RunLogger
 
 
 class NonFiniteLoss(RuntimeError):
@@ -210,25 +210,29 @@ def train(job: Job, start_step: int) -> list[dict]:
             if merges:
                 _log_merges(job, step, merges)
             record: dict[str, Any] = {"step": step, "train/loss": loss}
+            logged: dict[str, Any] = {}
             if step % job.log_interval == 0 or step == derived.max_steps:
-                record.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
+                logged.update({"train/loss": window["loss"] / window["steps"], "train/learning_rate": lr,
                                "train/skipped_steps": engine.skipped_steps,  # fp16 overflows the loss scaler skipped
                                "train/grad_norm": norm,  # None when skipped (DeepSpeed reports inf there)
                                "train/tokens_per_second": window["tokens"] / window["seconds"],
                                "memory/peak_gib": peak_memory_gib(),
                                "params/trainable": count_trainable(engine.module)})
                 if job.merger is not None:
-                    record.update({f"aslora/live_B_groups/{m}": n for m, n in job.merger.policy.live_groups().items()})
-                job.logger.scalars(step, {k: v for k, v in record.items() if k != "step"})
-                bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['train/learning_rate']:.2e}",
-                                tok_s=f"{record['train/tokens_per_second']:.0f}")
+                    logged.update({f"aslora/live_B_groups/{m}": n for m, n in job.merger.policy.live_groups().items()})
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{logged['train/tokens_per_second']:.0f}")
                 window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
             saving = bool(job.save_interval and step % job.save_interval == 0) or step == derived.max_steps
             if job.eval_data is not None and job.eval_interval and (step % job.eval_interval == 0 or saving):
                 scores = evaluate(job)
-                record.update(scores)
-                job.logger.scalars(step, scores)
+                logged.update(scores)
                 job.best.observe(step, scores["eval/loss"])  # every rank: the same all-reduced loss
+            if logged:  # passes over the training rows so far, as Hugging Face's epoch
+                logged["train/epoch"] = step * derived.global_batch_size / len(job.train_data)
+                job.logger.scalars(step, logged)
+                record.update(logged)
+            job.logger.flush()  # the step's line in trainer_log.jsonl, before its checkpoint
             job.history.append(record)
             bar.update(1)
             job.stopped_early = job.best.stop_reason(job.early_stopping_patience)

@@ -216,7 +216,7 @@ def _set(config: dict, path: str, value: Any) -> None:
     config[leaf] = value
 
 
-def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_dir: Optional[str] = None, *,
+def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, monitor_dir: Optional[str] = None, *,
                      ds_path: str = "the DeepSpeed config", hidden_size: Optional[int] = None,
                      engine_numel: Optional[int] = None) -> dict:
     """The DeepSpeed config the engine gets: ``"auto"`` values filled from ``derived``, the effective values
@@ -225,7 +225,7 @@ def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_d
     ``derived`` must come from ``derive(..., ds_json)`` (which refused contradictions). ``hidden_size``
     fills the bucket-size ``"auto"`` values (unset: those stay unfilled, an error naming them), capped by
     ``engine_numel``, the trainable elements DeepSpeed will hold.
-    TensorBoard events go to ``<tensorboard_dir>/<run_name>``.
+    A monitor output path left ``"auto"`` (``csv_monitor``, ``tensorboard``) is ``<monitor_dir>/<run_name>``.
     """
     config = copy.deepcopy(dict(ds_json))
     scheduler = config.pop("scheduler", None)
@@ -235,7 +235,7 @@ def deepspeed_config(ds_json: Mapping[str, Any], derived: Derived, tensorboard_d
                  derived.learning_rate, derived.lr_scheduler, derived.max_steps)
     values = auto_values(micro_batch=derived.micro_batch_size, grad_accum=derived.gradient_accumulation_steps,
                          world_size=derived.world_size, lr=derived.learning_rate, weight_decay=derived.weight_decay,
-                         clip=derived.max_grad_norm, bf16=derived.dtype == "bf16", tensorboard_dir=tensorboard_dir,
+                         clip=derived.max_grad_norm, bf16=derived.dtype == "bf16", monitor_dir=monitor_dir,
                          job_name=derived.run_name, hidden_size=hidden_size or 1, engine_numel=engine_numel)
     values["fp16.enabled"] = derived.dtype == "fp16"
     if hidden_size is None:  # no model width: leave ZeRO-3's bucket "auto"s for fill_auto to name
