@@ -70,3 +70,20 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert err.value.code == 2 and "match no module" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model-config", "/nonexistent/config.json"])
+
+
+def test_build_on_meta_works_inside_a_zero3_job(tmp_path):
+    """A live HfDeepSpeedConfig of stage 3 (the job holds one for the whole run) made from_config
+    wrap construction in zero.Init, which fails on meta tensors: the best-adapter export at the end."""
+    from transformers import LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ds_aslora.adapters.config import AdapterConfig
+    from ds_aslora.adapters.count import build_on_meta, count_plain_lora
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    keep_alive = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    model = build_on_meta(str(tmp_path), AdapterConfig(r=4))
+    assert keep_alive.is_zero3() and all(p.is_meta for p in model.parameters())
+    assert count_plain_lora(model) == 2 * 4 * (4 * (32 + 32) - 2 * 16 + 3 * (32 + 64))  # k/v project to 16

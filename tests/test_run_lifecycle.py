@@ -24,13 +24,13 @@ def summary_of(out):
 def test_the_tracker_keeps_the_lowest_eval_and_the_best_saved_checkpoint():
     best = BestTracker()
     assert best.observe(2, 3.0) and best.stop_reason(1) is None
-    best.saved("global_step2", 2)
+    best.saved("/o/global_step2", 2)
     assert not best.observe(3, 3.5)   # evaluated, not saved: not a checkpoint candidate
-    best.saved("global_step4", 4)     # saved without an evaluation at its step: not either
-    assert best.checkpoint == "global_step2" and best.evals_without_improvement == 1
+    best.saved("/o/global_step4", 4)  # saved without an evaluation at its step: not either
+    assert best.checkpoint == "/o/global_step2" and best.evals_without_improvement == 1
     assert best.observe(6, 2.5)       # strictly lower: the count restarts
-    best.saved("global_step6", 6)
-    assert (best.checkpoint, best.checkpoint_loss, best.evals_without_improvement) == ("global_step6", 2.5, 0)
+    best.saved("/o/global_step6", 6)
+    assert (best.checkpoint, best.checkpoint_loss, best.evals_without_improvement) == ("/o/global_step6", 2.5, 0)
     assert not best.observe(8, 2.5)   # equal is no improvement
     assert best.stop_reason(2) is None and best.stop_reason(1).startswith("early stopping: eval loss did not improve "
                                                                           "for 1 evaluations (best 2.5000 at step 6)")
@@ -43,7 +43,7 @@ def test_rotation_keeps_the_last_checkpoints_and_the_best(tmp_path):
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"global_step{step}").mkdir()
     (tmp_path / "latest").write_text("global_step10")
-    rotate_checkpoints(str(tmp_path), 2, best="global_step4")
+    rotate_checkpoints(str(tmp_path), 2, best=str(tmp_path / "global_step4"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step10", "global_step4", "global_step8", "latest"]
     rotate_checkpoints(str(tmp_path), 1, best=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step10", "latest"]
@@ -119,6 +119,9 @@ def test_the_same_command_again_continues_an_unfinished_run_and_then_says_it_fin
     assert summary_of(out)["steps"] == 4
     status, _, _, stdout = job(assets, out, "--max_steps", "4", "--r", "4", stdout=True)
     assert status == 0 and "finished (step 4 of 4)" in stdout
+    status, errors, _ = job(assets, out, "--max_steps", "4", "--r", "4", "--learning_rate", "1e-3")
+    assert status == 2 and "holds a finished run with other settings (learning_rate=None there, 0.001 here)" in (
+        errors[0]), errors
     status, errors, _ = job(assets, out, "--max_steps", "4", "--r", "8")  # another run in the same folder
     assert status == 2 and "r=4 there, 8 here" in errors[0] and "--overwrite_output_dir" in errors[0], errors
 

@@ -57,7 +57,9 @@ def test_every_method_trains_and_held_out_loss_falls(assets, stage, method):
         summary = json.load(f)
     assert summary["steps"] == 6 and summary["sample"].startswith("ROMEO:")
     for name in ("run_config.yaml", "ds_config.json", "sample.txt", "adapter/peft/adapter_model.safetensors",
-                 "adapter/compact/adapter_model.safetensors", "checkpoints/global_step6/adapter/adapter_config.json"):
+                 "adapter/compact/adapter_model.safetensors", "checkpoints/global_step6/adapter/adapter_config.json",
+                 "adapter/best/peft/adapter_model.safetensors", "adapter/best/compact/tokenizer.json",
+                 "trainer_log.jsonl"):
         assert os.path.isfile(os.path.join(out, name)), name
 
 

@@ -51,12 +51,16 @@ def count_after_merges(model: nn.Module, merges: int) -> int:
 
 
 def build_on_meta(model_config: str, cfg: AdapterConfig) -> nn.Module:
-    """A causal LM from a config.json (file or folder) on the meta device, adapters injected."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A causal LM from a config.json (file or folder) on the meta device, adapters injected. Built
+    through its class, not ``from_config``: inside a ZeRO-3 job (a live ``HfDeepSpeedConfig``) the
+    latter wraps construction in ``zero.Init``, which cannot partition meta tensors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     config = AutoConfig.from_pretrained(model_config)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{model_config!r}: model_type {config.model_type!r} has no causal LM class in transformers")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     return inject_adapters(model, cfg)
 
 

@@ -20,7 +20,7 @@ class BestTracker:
     best_loss: Optional[float] = None
     best_step: Optional[int] = None
     evals_without_improvement: int = 0
-    checkpoint: Optional[str] = None  # tag of the best saved checkpoint
+    checkpoint: Optional[str] = None  # folder of the best saved checkpoint (absolute: a resumed run may save elsewhere)
     checkpoint_loss: Optional[float] = None
     last: Optional[tuple[int, float]] = None  # (step, eval loss) of the latest evaluation
 
@@ -33,13 +33,13 @@ class BestTracker:
         self.evals_without_improvement += 1
         return False
 
-    def saved(self, tag: str, step: int) -> None:
+    def saved(self, folder: str, step: int) -> None:
         """A checkpoint was written at ``step``: it becomes the best one if that step's eval beats the best one's."""
         if self.last is None or self.last[0] != step:
             return
         loss = self.last[1]
         if self.checkpoint_loss is None or loss < self.checkpoint_loss:
-            self.checkpoint, self.checkpoint_loss = tag, loss
+            self.checkpoint, self.checkpoint_loss = folder, loss
 
     def stop_reason(self, patience: Optional[int]) -> Optional[str]:
         """Why to stop now (``patience`` evaluations without improvement), or None."""

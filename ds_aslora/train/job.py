@@ -50,7 +50,6 @@ from .model_setup import (
     is_hub_id,
     load_model,
     load_tokenizer,
-    offline_unless_hub_id,
     resolve_model_path,
 )
 from .render import Renderer
@@ -58,7 +57,7 @@ from .resolved import deepspeed_config, derive, lr_at, save_resolved
 from .run_config import ConfigError, RunConfig, parse_run_config
 from .run_log import TRAINER_LOG, RunLogger, deepspeed_monitor, missing_monitor_package
 
-CHECKPOINTS, ADAPTER, RUNS, SUMMARY = "checkpoints", "adapter", "runs", "summary.json"
+CHECKPOINTS, ADAPTER, RUNS, SUMMARY, SAMPLE = "checkpoints", "adapter", "runs", "summary.json", "sample.txt"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU and show
 # what the project is for (ASLoRA merging down to a quarter of LoRA's parameters within the 40 steps).
 # Each applies only where the user did not set the field.
@@ -147,9 +146,21 @@ def check_output_dir(run: RunConfig) -> Optional[tuple[str, str]]:
     return None
 
 
-def finished_run(out: str, resume_from: tuple[str, str], max_steps: int) -> Optional[str]:
+# What may change between a run and the same command run again (a longer run continues it).
+RERUN_MAY_CHANGE = ("max_steps", "num_train_epochs", "resume", "overwrite_output_dir", "dist_timeout_minutes",
+                    "preprocessing_num_workers", "data_cache_dir")
+
+
+def run_settings(run: RunConfig) -> dict:
+    """The settings that make a run this run, as summary.json records them for a rerun to compare."""
+    return json.loads(json.dumps({k: v for k, v in run.to_dict().items() if k not in RERUN_MAY_CHANGE}, default=str))
+
+
+def finished_run(run: RunConfig, resume_from: tuple[str, str], max_steps: int) -> Optional[str]:
     """Rank 0: a message when ``resume_from`` is where this output_dir's run finished (its summary
-    names it, the exports were written after it, and it reached max_steps or stopped early)."""
+    names it, the exports were written after it, and it reached max_steps or stopped early);
+    ConfigError when that finished run had other settings."""
+    out = run.logging.output_dir
     path = os.path.join(out, SUMMARY)
     if not os.path.isfile(path) or os.path.abspath(resume_from[0]) != os.path.abspath(os.path.join(out, CHECKPOINTS)):
         return None
@@ -162,11 +173,18 @@ def finished_run(out: str, resume_from: tuple[str, str], max_steps: int) -> Opti
         return None
     if summary.get("steps", 0) < max_steps and "stopped_early" not in summary:
         return None
+    saved, here = summary.get("settings", {}), run_settings(run)
+    diff = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
+    if diff:
+        raise ConfigError(f"output_dir {out!r} holds a finished run with other settings ("
+                          + ", ".join(f"{k}={saved.get(k)!r} there, {here.get(k)!r} here" for k in diff[:5])
+                          + "): pass --overwrite_output_dir to start over or choose another output_dir")
     how = (f"stopped early at step {summary['steps']}" if "stopped_early" in summary
            else f"step {summary['steps']} of {max_steps}")
+    more = "" if "stopped_early" in summary else "; a larger --max_steps continues it"
     return (f"output_dir {out!r} holds this run, finished ({how}): adapters in {os.path.join(out, ADAPTER)}, figures "
             f"in {path}, TensorBoard: tensorboard --logdir {os.path.join(out, RUNS)}. To train again pass "
-            f"--overwrite_output_dir or another --output_dir; a larger --max_steps continues it")
+            f"--overwrite_output_dir or another --output_dir{more}")
 
 
 def check_shared_filesystem(out: str) -> None:
@@ -290,7 +308,7 @@ def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
 
 def rotate_checkpoints(ckpt_dir: str, keep: Optional[int], best: Optional[str] = None) -> None:
     """Rank 0, after a completed save: delete the oldest ``global_step*`` beyond ``keep``
-    (never the one ``latest`` names, nor ``best``, the checkpoint with the best eval loss)."""
+    (never the one ``latest`` names, nor ``best``, the folder of the checkpoint with the best eval loss)."""
     if keep is None:
         return
     with open(os.path.join(ckpt_dir, LATEST)) as f:
@@ -301,8 +319,36 @@ def rotate_checkpoints(ckpt_dir: str, keep: Optional[int], best: Optional[str] =
     tags = sorted((t for t in os.listdir(ckpt_dir) if t.startswith("global_step") and t[11:].isdigit()
                    and step(t) <= step(latest)), key=step)  # folders past latest: another timeline
     for tag in tags[:-keep]:
-        if tag != best:
-            shutil.rmtree(os.path.join(ckpt_dir, tag))
+        folder = os.path.join(ckpt_dir, tag)
+        if best is None or os.path.abspath(folder) != os.path.abspath(best):
+            shutil.rmtree(folder)
+
+
+def resolve_model_everywhere(run: RunConfig) -> str:
+    """The model folder on every rank. What must be fetched or built first (a hub download, the default
+    model's conversion) is done by global rank 0 (a shared cache is then filled once), then by the first
+    rank of every other node (node-local caches); the others read what their node's first rank left."""
+    if run.model.model == TINY:
+        return TINY
+    rank = rank_and_world()[0]
+    model_path = None
+    for turn in (rank == 0, local_rank() == 0 and rank != 0, local_rank() != 0):
+        error = None
+        if turn:
+            try:
+                model_path = resolve_model_path(run.model.model, download=local_rank() == 0)
+            except (ValueError, OSError) as err:  # the waiting ranks must not wait 4 hours, nor die on a reset
+                error = str(err)
+        setup_barrier()
+        raise_together(error, ConfigError)
+    return model_path
+
+
+def check_finished(run: RunConfig, resume_from: tuple[str, str], max_steps: int) -> None:
+    """AlreadyFinished on every rank when output_dir holds this run, finished (rank 0 decides)."""
+    finished = decided_by_rank0(lambda: finished_run(run, resume_from, max_steps))
+    if finished:
+        raise AlreadyFinished(finished)
 
 
 def setup(run: RunConfig, ds_path: str) -> "Setup":
@@ -317,35 +363,26 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         say(line)
     if run.data.data is None:
         apply_embedded_defaults(run)
+    out = run.logging.output_dir
+    check_shared_filesystem(out)  # first: every later decision reads files rank 0 sees
     resume_from = decided_by_rank0(lambda: check_output_dir(run))
     ds_json = load_ds_config(ds_path)
     # Checked before any data is read; with num_train_epochs the steps need the prepared data first.
     derived = derive(run, world, ds_json, ds_path=ds_path) if run.training.num_train_epochs is None else None
-    resumable = None
+    resumable, error = None, None
     if resume_from is not None:  # before anything is built: the checkpoint's metadata alone
         try:
             resumable = check_resumable(*resume_from, world=world,
                                         stage=ds_json.get("zero_optimization", {}).get("stage", 0),
                                         adapter=run.adapter.to_dict())
         except (OSError, ValueError) as err:
-            hint = "" if run.checkpoint.resume else (
-                f"; output_dir {run.logging.output_dir!r} holds that run: pass --overwrite_output_dir to start over "
-                f"or choose another output_dir")
-            raise ConfigError(f"{err}{hint}") from None
-        if derived is not None:  # the same run, already finished: say where its results are
-            finished = decided_by_rank0(lambda: finished_run(run.logging.output_dir, resume_from, derived.max_steps))
-            if finished:
-                raise AlreadyFinished(finished)
-    # The default model is converted once per node (locked); every rank then reads it.
-    model_path, error = (run.model.model if run.model.model == TINY else None), None
-    if model_path is None and local_rank() == 0:
-        try:
-            model_path = resolve_model_path(run.model.model)
-        except (ValueError, OSError) as err:  # the waiting ranks must not wait 4 hours, nor die on a reset
-            error = str(err)
-    setup_barrier()
-    raise_together(error, ConfigError)
-    model_path = model_path or resolve_model_path(run.model.model, download=False)  # the cache local rank 0 filled
+            error = str(err) + ("" if run.checkpoint.resume else (
+                f"; output_dir {out!r} holds that run: pass --overwrite_output_dir to start over or choose another "
+                f"output_dir"))
+    raise_together(error, ConfigError)  # a rank that sees the checkpoint otherwise must not leave alone
+    if resume_from is not None and derived is not None:
+        check_finished(run, resume_from, derived.max_steps)
+    model_path = resolve_model_everywhere(run)
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
     try:
@@ -357,8 +394,6 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     except (OSError, ValueError) as err:
         error = str(err)
     raise_together(error, ConfigError)
-    out = run.logging.output_dir
-    check_shared_filesystem(out)
     tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
     data = prepare_job_data(run, tokenizer)
     if derived is None:
@@ -366,9 +401,9 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
         say(f"num_train_epochs {run.training.num_train_epochs:g}: {len(data.train):,} training sequences / global "
             f"batch {derived.global_batch_size} -> {derived.max_steps} steps")
         if resume_from is not None:
-            finished = decided_by_rank0(lambda: finished_run(out, resume_from, derived.max_steps))
-            if finished:
-                raise AlreadyFinished(finished)
+            check_finished(run, resume_from, derived.max_steps)
+    if run.training.early_stopping_patience is not None and data.eval is None:
+        raise ConfigError("early_stopping_patience needs eval data: set eval_data or eval_fraction")
     meta = meta_model(run, config)
     ds_config = deepspeed_config(ds_json, derived, os.path.join(out, RUNS), ds_path=ds_path,
                                  hidden_size=config.hidden_size,
@@ -468,16 +503,23 @@ def execute(s: Setup) -> dict:
 
     serving = serving_tokenizer(tokenizer, data.format)
     base_name = None if source == TINY else source if is_hub_id(source) else os.path.abspath(source)
+    if rank == 0:  # a summary names a finished run: the previous one's (overwritten, or rolled back) goes
+        for name in (SUMMARY, SAMPLE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
 
     def save(step: int) -> None:
         tag = f"global_step{step}"
-        job.best.saved(tag, step)
+        job.best.saved(os.path.abspath(os.path.join(ckpt_dir, tag)), step)
         save_checkpoint(engine, ckpt_dir, tag, bank=bank, merger=merger, export_adapter=True,
                         adapter_files=lambda folder: save_tokenizer(serving, folder),
                         client_state={"data_position": step, "data": data_identity(run, derived, data),
                                       "best": job.best.state_dict()})
         if rank == 0:
-            rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit, best=job.best.checkpoint)
+            try:  # a folder the filesystem will not delete yet (NFS silly-renames) is no reason to stop
+                rotate_checkpoints(ckpt_dir, run.checkpoint.save_total_limit, best=job.best.checkpoint)
+            except OSError as err:
+                print(f"warning: rotating checkpoints in {ckpt_dir}: {err}", file=sys.stderr, flush=True)
         barrier()
 
     job = Job(engine=engine, bank=bank, merger=merger, derived=derived, train_data=data.train,
@@ -486,15 +528,17 @@ def execute(s: Setup) -> dict:
               eval_batches=run.training.eval_batches, save_interval=run.checkpoint.save_interval, save=save,
               early_stopping_patience=run.training.early_stopping_patience)
     job.best.load_state_dict(s.client.get("best", {}))
+    # a run that stopped early and was killed before its exports: stopped, not trained on
+    job.stopped_early = job.best.stop_reason(job.early_stopping_patience)
     summary: dict[str, Any] = {"output_dir": out, "method": run.adapter.method, "trainable": trainable,
-                               "plain_lora_trainable": count_plain_lora(engine.module)}
+                               "plain_lora_trainable": count_plain_lora(engine.module), "settings": run_settings(run)}
     if data.eval is not None and engine.global_steps == 0:
         before = evaluate(job)
         logger.scalars(0, {**before, "train/epoch": 0.0})
         summary["perplexity_before"] = before["eval/perplexity"]
         say(f"held-out perplexity before training: {before['eval/perplexity']:.2f}")
     start = engine.global_steps
-    if start < derived.max_steps:
+    if start < derived.max_steps and not job.stopped_early:
         history = train(job, start)
         evals = [h for h in history if "eval/perplexity" in h]
         if evals:
@@ -506,15 +550,19 @@ def execute(s: Setup) -> dict:
     if rank == 0:
         try:
             save_tokenizer(serving, peft_dir, compact_dir)
-            if job.best.checkpoint is not None:
-                export_best(os.path.join(ckpt_dir, job.best.checkpoint, ADAPTER_DIR), s.base_config,
-                            os.path.join(out, ADAPTER, BEST), serving, base_name)
-        except (OSError, ValueError) as err:
+        except OSError as err:
             error = f"export failed: {type(err).__name__}: {err}"
     raise_together(error, OSError)
     if job.best.checkpoint is not None:
-        summary.update(best_checkpoint=os.path.join(ckpt_dir, job.best.checkpoint),
-                       best_eval_loss=job.best.checkpoint_loss)
+        summary.update(best_checkpoint=job.best.checkpoint, best_eval_loss=job.best.checkpoint_loss)
+        if rank == 0:  # the final adapter is out: a best that cannot be exported is a warning, not a failed run
+            try:
+                export_best(os.path.join(job.best.checkpoint, ADAPTER_DIR), s.base_config,
+                            os.path.join(out, ADAPTER, BEST), serving, base_name)
+            except Exception as err:  # noqa: BLE001 - safetensors and transformers raise their own types
+                summary["best_export_error"] = f"{type(err).__name__}: {err}"
+                print(f"warning: the best checkpoint's adapter was not exported to {os.path.join(out, ADAPTER, BEST)}"
+                      f": {summary['best_export_error']}", file=sys.stderr, flush=True)
     if job.stopped_early:
         summary["stopped_early"] = job.stopped_early
     summary["serve"] = vllm_command(base_name or "<base model folder>", os.path.abspath(peft_dir), run.adapter.r)
@@ -528,7 +576,7 @@ def execute(s: Setup) -> dict:
     if run.logging.sample_prompt:
         sample = generate(engine, tokenizer, Renderer(tokenizer, data.format, False).prompt(run.logging.sample_prompt))
         if rank == 0:
-            write_text(os.path.join(out, "sample.txt"), sample + "\n")
+            write_text(os.path.join(out, SAMPLE), sample + "\n")
         logger.text("sample", engine.global_steps, sample)
         summary["sample"] = sample
         write_summary(out, summary)
@@ -556,7 +604,7 @@ def report(summary: dict) -> None:
     say(f"{summary['method']}: {trainable:,} trainable parameters"
         + (f" after merges (live B groups {summary['live_B_groups']})" if "live_B_groups" in summary else "")
         + f" = {trainable / summary['plain_lora_trainable']:.1%} of plain LoRA's {summary['plain_lora_trainable']:,}")
-    if "best_checkpoint" in summary:
+    if "best_checkpoint" in summary and "best_export_error" not in summary:
         say(f"best checkpoint: {summary['best_checkpoint']} (eval loss {summary['best_eval_loss']:.4f}), its adapter "
             f"in {os.path.join(summary['output_dir'], ADAPTER, BEST)}")
     if summary.get("skipped_steps"):
@@ -580,7 +628,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    offline_unless_hub_id(run.model.model)
     init_distributed(run.training.dist_timeout_minutes)
     try:
         try:

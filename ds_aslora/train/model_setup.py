@@ -55,32 +55,30 @@ def is_hub_id(model: Optional[str]) -> bool:
 
 def hub_snapshot(repo_id: str, download: bool) -> str:
     """The local folder of ``repo_id`` in huggingface_hub's cache, downloaded first when ``download``
-    (and the hub is not switched off with HF_HUB_OFFLINE); FileNotFoundError in one line otherwise."""
+    (and the hub is not switched off with HF_HUB_OFFLINE in the launch environment: huggingface_hub
+    reads it when imported); FileNotFoundError in one line otherwise."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants as hub
 
     download = download and not hub.HF_HUB_OFFLINE
-    try:
-        ignore = None
-        if download:
+    ignore = None
+    if download:
+        try:
             files = [s.rfilename for s in HfApi().model_info(repo_id).siblings or []]
             ignore = NOT_NEEDED_WITH_SAFETENSORS if any(f.endswith(".safetensors") for f in files) else None
+        except Exception:  # noqa: BLE001 - no listing (no network, gated): snapshot_download decides, cache included
+            pass
+    try:
         return snapshot_download(repo_id, local_files_only=not download, ignore_patterns=ignore)
     except Exception as err:  # noqa: BLE001 - the hub's errors (offline, unknown id, gated, HTTP) have no common base
         why = " ".join(str(err).split())[:300]
         where = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1, or a rank "
                  "other than each node's first)") if not download else "it could not be downloaded"
-        raise FileNotFoundError(f"model {repo_id!r} is not a local folder and {where}: {type(err).__name__}: {why}. "
-                                f"Pass a local Hugging Face folder, or download it first "
+        gated = ("; a gated model: request access on its hub page and set HF_TOKEN on every node (or "
+                 "huggingface-cli login)" if type(err).__name__ == "GatedRepoError" or " 401 " in f" {why} " else "")
+        raise FileNotFoundError(f"model {repo_id!r} is not a local folder and {where}: {type(err).__name__}: {why}"
+                                f"{gated}. Pass a local Hugging Face folder, or download it first "
                                 f"(huggingface-cli download {repo_id})") from None
-
-
-def offline_unless_hub_id(model: Optional[str]) -> None:
-    """Nothing but a hub id needs the hub: everything else loads from local folders, and a machine
-    without network must not wait on connection timeouts (the user's own setting wins)."""
-    if not is_hub_id(model):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def resolve_model_path(model: Optional[str], download: bool = True) -> str:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .data import cache_dir_of, default_workers, prepare_data
 from .job import apply_embedded_defaults
-from .model_setup import load_tokenizer, offline_unless_hub_id, resolve_model_path
+from .model_setup import load_tokenizer, resolve_model_path
 from .run_config import ConfigError, parse_run_config
 
 USAGE = ("usage: python launch/prepare.py [--config run.yaml] [--FIELD VALUE ...]\n"
@@ -27,7 +27,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         run, _ = parse_run_config(argv, require_deepspeed=False, usage=USAGE)
-        offline_unless_hub_id(run.model.model)
         if run.data.data is None:
             apply_embedded_defaults(run)
         tokenizer = load_tokenizer(resolve_model_path(run.model.model), run.model.trust_remote_code)
