@@ -196,7 +196,9 @@ def test_a_checkpoint_of_another_base_model_is_refused_before_anything_is_writte
     LlamaForCausalLM(config).save_pretrained(other)
     byte_tokenizer().save_pretrained(other)
     before = snapshot(existing_run, exact=True)
-    status, errors, stderr = job(assets, existing_run, "--resume", "auto", "--r", "4", model=str(other))
+    # max_steps 4: a run to continue (the existing one finished at step 2, with the other model: refused as such)
+    status, errors, stderr = job(assets, existing_run, "--resume", "auto", "--r", "4", "--max_steps", "4",
+                                 model=str(other))
     assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert errors[0] == (f"error: checkpoint 'global_step2' was trained on another base model: {assets['base']!r} "
                          f"there, {str(other)!r} here (num_hidden_layers=4 there, 2 here)"), errors

@@ -102,11 +102,11 @@ def test_early_stopping_keeps_the_best_checkpoint_exports_it_and_a_rerun_exits_a
     assert any(not torch.equal(best[k], final[k]) for k in best)  # 4 more steps moved B (by ~1e-30)
     peft_best = load_file(str(out / "adapter" / "best" / "peft" / "adapter_model.safetensors"))
     assert len(peft_best) == len(final) and all("lora_" in k for k in peft_best)
-    before = snapshot(out)  # every file with its size and mtime (the folder's own mtime moves: the shared-disk check)
+    before = snapshot(out, exact=True)
     status, _, stderr, stdout = job(assets, out, *args, stdout=True)  # the same command again
     assert status == 0 and "holds this run, finished (stopped early at step 6)" in stdout, stdout + stderr[-2000:]
     assert "Loading weights" not in stderr  # it stopped before loading the model
-    assert snapshot(out) == before
+    assert snapshot(out, exact=True) == before
 
 
 @pytest.mark.slow

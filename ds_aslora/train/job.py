@@ -364,8 +364,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if run.data.data is None:
         apply_embedded_defaults(run)
     out = run.logging.output_dir
-    check_shared_filesystem(out)  # first: every later decision reads files rank 0 sees
-    resume_from = decided_by_rank0(lambda: check_output_dir(run))
+    resume_from = decided_by_rank0(lambda: check_output_dir(run))  # rank 0's view; other nodes' is checked below
     ds_json = load_ds_config(ds_path)
     # Checked before any data is read; with num_train_epochs the steps need the prepared data first.
     derived = derive(run, world, ds_json, ds_path=ds_path) if run.training.num_train_epochs is None else None
@@ -394,6 +393,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     except (OSError, ValueError) as err:
         error = str(err)
     raise_together(error, ConfigError)
+    check_shared_filesystem(out)  # after every check of bad input: a refused run leaves output_dir as it was
     tokenizer = load_tokenizer(model_path, run.model.trust_remote_code)
     data = prepare_job_data(run, tokenizer)
     if derived is None:
