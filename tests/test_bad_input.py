@@ -113,7 +113,7 @@ def test_each_bad_input_is_one_clear_line_and_leaves_the_output_dir_untouched(as
 def test_runs_that_do_not_fit_the_output_dir_or_checkpoint_are_refused(assets, existing_run, tmp_path):
     before = snapshot(existing_run)
     cases = [
-        ([], "another adapter config", "r=4 there, 8 here; output_dir"),  # the same folder, another run
+        ([], "holds that run: pass --overwrite_output_dir", "another adapter config: r=4 there, 8 here"),
         (["--resume", "auto", "--r", "8"], "another adapter config", "r=4 there, 8 here"),
         (["--resume", "auto", "--r", "4", "--method", "sharelora"], "another adapter config", "method='lora' there"),
         (["--resume", str(tmp_path / "nowhere")], "no such checkpoint folder", "nowhere"),
