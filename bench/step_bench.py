@@ -11,6 +11,8 @@ Run on CPU ranks (or GPUs, without DS_ACCELERATOR):
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bench/step_bench.py --stage 2
 
 The default shape is SmolLM2-135M's (30 layers, hidden 576, GQA 9/3 heads), random weights.
+Sibling projections (q/k/v, gate/up read one input: their x @ A^T in one matmul, or once for a
+shared A) are on, as in the job; ``--no_sibling_reuse`` turns them off.
 Under ZeRO-3 our variants re-gather their persistent tensors after each step in one all-gather per
 dtype (ds_aslora.runtime.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
 """
@@ -27,6 +29,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_aslora import AdapterConfig, count_trainable, inject_adapters
+from ds_aslora.adapters.inject import link_siblings
 from ds_aslora.runtime.comm_audit import audit_collectives
 from ds_aslora.runtime.engine import initialize
 from ds_aslora.runtime.step import micro_step
@@ -41,7 +44,9 @@ VARIANTS = {
     PEFT: None,
     "lora": dict(method="lora"),
     "sharelora A": dict(method="sharelora", share="A"),
+    "sharelora qkv": dict(method="sharelora", share="A", scope="qkv"),
     "aslora": dict(method="aslora"),
+    "aslora in_dim": dict(method="aslora", a_scope="in_dim"),
 }
 
 
@@ -75,6 +80,7 @@ def build(variant, args, shape=SMOLLM2_135M):
         return engine, None, trainable
     cfg = AdapterConfig(r=args.r, alpha=2 * args.r, target_modules=targets, **VARIANTS[variant])
     model = inject_adapters(model, cfg)
+    link_siblings(model, enabled=not args.no_sibling_reuse)
     trainable = count_trainable(model)
     engine, bank = initialize(model, config)
     if args.uncoalesced:
@@ -116,6 +122,8 @@ def main():
     parser.add_argument("--uncoalesced", action="store_true",
                         help="ZeRO-3: our variants keep DeepSpeed's one post-step all-gather per persistent parameter "
                              "(ds_aslora.runtime.zero3_gather off; the frozen base and peft always use DeepSpeed's)")
+    parser.add_argument("--no_sibling_reuse", action="store_true",
+                        help="each adapter computes its own x @ A (ds_aslora.adapters.siblings off): today's cost")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()
@@ -128,15 +136,16 @@ def main():
         floor, peft = statistics.median(times.get(FROZEN, [float("nan")])), statistics.median(
             times.get(PEFT, [float("nan")]))
         print(f"\nZeRO-{args.stage}, {dist.get_world_size()} ranks, r={args.r}, targets={args.targets}, "
+              f"sibling reuse {'off' if args.no_sibling_reuse else 'on'}, "
               f"batch {args.batch}x{args.seq}/rank, persistence threshold {args.persistence_threshold}, "
               f"median over {args.repeats} alternated rounds (min-max)")
-        print(f"{'variant':<13}{'trainable':>12}{'s/step':>8}{'min-max':>15}{'x floor':>9}{'x peft':>8}"
+        print(f"{'variant':<15}{'trainable':>12}{'s/step':>8}{'min-max':>15}{'x floor':>9}{'x peft':>8}"
               f"{'all-gathers':>13}{'collectives':>13}{'MB/step':>9}{'ours: calls/MB':>16}")
         for variant, (_, _, trainable) in jobs.items():
             t, rec = times[variant], records[variant]
             median = statistics.median(t)
             gathers = rec.count(op="all_gather_into_tensor") + rec.count(op="all_gather")
-            print(f"{variant:<13}{trainable:>12,d}{median:>8.3f}{min(t):>7.3f}-{max(t):<7.3f}{median / floor:>9.2f}"
+            print(f"{variant:<15}{trainable:>12,d}{median:>8.3f}{min(t):>7.3f}-{max(t):<7.3f}{median / floor:>9.2f}"
                   f"{median / peft:>8.2f}{gathers:>13d}{len(rec.calls):>13d}{rec.bytes() / 2**20:>9.2f}"
                   f"{rec.count('ds_aslora'):>8d}/{rec.bytes('ds_aslora') / 2**20:.3f}")
     dist.destroy_process_group()

@@ -13,6 +13,7 @@ from torch import nn
 from .bank import SharedBank
 from .config import QKV, AdapterConfig
 from .layers import AdapterLinear
+from .siblings import SIBLING_TYPES, SiblingProjections
 
 BANK_NAME = "shared_bank"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -96,7 +97,23 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
                               bank=bank, a_key=a_key, b_key=b_key, name=name)
         _set_submodule(model, name, layer)
     model.add_module(BANK_NAME, bank)
+    link_siblings(model)
     return model
+
+
+def link_siblings(model: nn.Module, enabled: bool = True) -> None:
+    """Let the adapter layers of one parent module that read one input (``SIBLING_TYPES``, same
+    input size) compute their low-rank projections together (``siblings.py``); ``enabled=False``
+    makes each compute its own. The numbers are the same either way, to float rounding."""
+    groups: dict[tuple, list[AdapterLinear]] = {}
+    for name, layer in adapter_layers(model):
+        kind = next((i for i, types in enumerate(SIBLING_TYPES) if module_type(name) in types), None)
+        key = (name.rpartition(".")[0], layer.in_features, kind) if kind is not None else (name,)
+        groups.setdefault(key, []).append(layer)
+    for members in groups.values():
+        siblings = SiblingProjections(members) if enabled and len(members) > 1 else None
+        for layer in members:
+            layer.siblings = siblings
 
 
 LIFTED_BANK = "_lifted_shared_bank"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import SharedBank, init_lora_A
+from .siblings import SiblingProjections
 
 
 def _adapter_dtype(base: nn.Linear) -> torch.dtype:
@@ -25,20 +26,45 @@ def _adapter_dtype(base: nn.Linear) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class _ZeroUse(torch.autograd.Function):
-    """``out`` unchanged, with ``unused`` as an input whose gradient is an exact zero. No arithmetic
-    on the gradient: ``(x * 0)`` would reduce it to a scalar first, and a half-precision sum can
-    overflow to inf (inf * 0 is NaN: a false fp16 overflow at every step)."""
+def _peek(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    # dict.get skips ZeRO-3's ZeROOrderedDict.__getitem__, which in a forward gathers a parameter that
+    # is not available and registers it as an external parameter of the running module.
+    return dict.get(module._parameters, name)
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """``result + scaling * projected @ B^T`` as one ``addmm`` and one autograd node (not a
+    matmul, a scale and an add, each a pass over the output and a node in the backward).
+
+    ``retired``: a tied layer's own B, given an exact zero gradient. A retired B keeps this
+    zero-weight use, so every ZeRO stage gives it a zero gradient (ZeRO-3 would re-apply the last
+    gradient partition of a parameter that stops being used, every step) and ZeRO-3's fetch trace
+    does not change at a merge. No arithmetic makes that zero: ``(x * 0)`` would reduce a
+    half-precision gradient that can overflow to inf, and inf * 0 is NaN."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
-        ctx.unused = (unused.shape, unused.dtype, unused.device)
-        return out.view_as(out)
+    def forward(ctx: Any, result: torch.Tensor, projected: torch.Tensor, B: torch.Tensor, scaling: float,
+                retired: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(projected, B)
+        ctx.scaling = scaling
+        ctx.retired = None if retired is None else (retired.shape, retired.dtype, retired.device)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), projected.reshape(-1, projected.shape[-1]), B.t(),
+                           alpha=scaling)
+        return flat.view(result.shape)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, dtype, device = ctx.unused
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        projected, B = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_projected = grad_B = grad_retired = None
+        if ctx.needs_input_grad[1]:
+            grad_projected = torch.mm(flat, B).mul_(ctx.scaling).view(projected.shape)
+        if ctx.needs_input_grad[2]:
+            grad_B = torch.mm(flat.t(), projected.reshape(-1, projected.shape[-1])).mul_(ctx.scaling)
+        if ctx.retired is not None:
+            shape, dtype, device = ctx.retired
+            grad_retired = torch.zeros(shape, dtype=dtype, device=device)
+        return grad, grad_projected, grad_B, None, grad_retired
 
 
 class AdapterLinear(nn.Module):
@@ -66,6 +92,8 @@ class AdapterLinear(nn.Module):
         # Plain lists keep these references out of the module tree (no double registration).
         self._bank = [bank]
         self._tie: list[AdapterLinear] = []
+        # Set by link_siblings: the layers of the same parent that may read this layer's input.
+        self.siblings: Optional[SiblingProjections] = None
         device, dtype = base_layer.weight.device, _adapter_dtype(base_layer)
         a_shape, b_shape = (r, self.in_features), (self.out_features, r)
         for key, shape, zeros in ((a_key, a_shape, False), (b_key, b_shape, True)):
@@ -102,23 +130,30 @@ class AdapterLinear(nn.Module):
                 raise ValueError("a tie must point at an untied representative")
         self._tie[:] = [] if representative is None or representative is self else [representative]
 
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of this layer's own (engine-cast) factor: a replicated shared factor kept in
+        fp32 outside DeepSpeed is cast to it, and so is the input."""
+        own = _peek(self, "lora_A")
+        own = own if own is not None else _peek(self, "lora_B")
+        return own.dtype if own is not None else x.dtype
+
+    def peek_A(self) -> Optional[torch.Tensor]:
+        """The A this layer uses, read without ZeRO-3's fetch-on-access: a sibling looks at it
+        during another layer's forward (see ``_peek``)."""
+        return _peek(self._bank[0], self.a_key) if self.a_key else _peek(self, "lora_A")
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        A, B = self.weight_A, self.weight_B
-        # Compute in the dtype of this layer's own (engine-cast) factor; a replicated shared
-        # factor kept in fp32 outside DeepSpeed is cast to it.
-        own = self.lora_A if self.lora_A is not None else self.lora_B
-        dtype = own.dtype if own is not None else x.dtype
-        x = x.to(dtype)
-        if self.dropout > 0:
-            x = F.dropout(x, self.dropout, self.training)
-        delta = F.linear(F.linear(x, A.to(dtype)), B.to(dtype))  # (..., r) -> (..., d_out)
-        if self._tie:
-            # A retired B keeps a zero-weight use: every ZeRO stage then gives it an exact zero
-            # gradient (ZeRO-3 would re-apply the last gradient partition of a parameter that
-            # stops being used, every step), and ZeRO-3's fetch trace does not change at a merge.
-            delta = _ZeroUse.apply(delta, self.lora_B)
-        return (result + delta * self.scaling).to(result.dtype)
+        dtype = self.compute_dtype(x)
+        if self.dropout > 0 and self.training:
+            projected = F.linear(F.dropout(x.to(dtype), self.dropout), self.weight_A.to(dtype))
+        elif self.siblings is not None:
+            projected = self.siblings.projection(self, x, dtype)
+        else:
+            projected = F.linear(x.to(dtype), self.weight_A.to(dtype))
+        retired = self.lora_B if self._tie else None
+        out = _LowRankUpdate.apply(result.to(dtype), projected, self.weight_B.to(dtype), self.scaling, retired)
+        return out.to(result.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, dropout={self.dropout}, "

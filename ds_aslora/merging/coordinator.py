@@ -72,7 +72,7 @@ class MergeCoordinator:
         self.slices = {m: FlatSlice(numel=ls[0].out_features * ls[0].r, row=ls[0].r, rank=rank, world=world)
                        for m, ls in self.layers.items()}
         first = next(iter(self.layers))
-        self.means_device = self.access.local([self.layers[first][0].lora_B], self.slices[first])[0].device
+        self.means_device = self.access.local([self.layers[first][0].lora_B], [self.slices[first]])[0].device
         self.means = {m: {i: torch.zeros(self.slices[m].stop - self.slices[m].start, device=self.means_device)
                           for i in range(len(ls))} for m, ls in self.layers.items()}
         self.observations = 0
@@ -108,12 +108,13 @@ class MergeCoordinator:
             return []
         self.event_due = 0
         self.observations += 1
-        means, values = [], []
+        means, params, where = [], [], []
         for mtype, layers in self.layers.items():
             reps = self.policy.representatives(mtype)
             means += [self.means[mtype][rep] for rep in reps]
-            values += self.access.local([layers[rep].lora_B for rep in reps], self.slices[mtype])
-        update_running_means(means, values, self.observations)
+            params += [layers[rep].lora_B for rep in reps]
+            where += [self.slices[mtype]] * len(reps)
+        update_running_means(means, self.access.local(params, where), self.observations)
         if not due:
             return []
         self.last_distances = self.distances()

@@ -1,8 +1,9 @@
 """Where a per-layer B's fp32 value and Adam moments live under each ZeRO stage.
 
 Two operations, the only ones a merge coordinator needs:
-  - ``local(params, where)``: this rank's flat slice of each value, for running means
-    (no communication on any stage, no copy where the stage allows, one call per step);
+  - ``local(params, where)``: this rank's flat slice of each value (``where[i]`` for
+    ``params[i]``), for running means (no communication on any stage, no copy where the stage
+    allows, one call per step for every module type);
   - ``merge(upper, lower, lam)``: the representative's fp32 value and both Adam moments
     become the lam blend, the retired tensor's moments become zero, and the working copy
     the forward reads is refreshed on every rank.
@@ -32,8 +33,8 @@ class WorkingCopySlices:
     from it (equal to the fp32 master in fp32 training; in bf16 it is what the forward uses)."""
 
     @staticmethod
-    def local(params: list[torch.Tensor], where: FlatSlice) -> list[torch.Tensor]:
-        return [where.take(p.detach()).float() for p in params]
+    def local(params: list[torch.Tensor], where: list[FlatSlice]) -> list[torch.Tensor]:
+        return [w.take(p.detach()).float() for p, w in zip(params, where, strict=True)]
 
 
 class TorchState(WorkingCopySlices):
@@ -71,29 +72,30 @@ class Zero3State:
     """ZeRO-3: each B is partitioned on its own into ``ceil(numel / world)`` slices."""
 
     @staticmethod
-    def local(params: list[torch.Tensor], where: FlatSlice) -> list[torch.Tensor]:
+    def local(params: list[torch.Tensor], where: list[FlatSlice]) -> list[torch.Tensor]:
         """Views of the fp32 partitions, read where the optimizer keeps them (the accelerator,
         or host memory under optimizer offload): ``safe_get_local_fp32_param`` would copy each
         to the device and synchronise a stream per B (560 times a step at 80 layers x 7 types).
-        Falls back to it for optimizer state swapped to NVMe."""
+        Falls back to it for optimizer state swapped to NVMe. The coordinator asks for every
+        module type's B in one call, so the stream is synchronised once per step."""
         from deepspeed.accelerator import get_accelerator
         from deepspeed.utils import safe_get_local_fp32_param
 
-        for p in params:
-            if p.ds_tensor.numel() != where.part:
+        for p, w in zip(params, where, strict=True):
+            if p.ds_tensor.numel() != w.part:
                 raise RuntimeError(f"ZeRO-3 slice of {tuple(p.ds_shape)} has {p.ds_tensor.numel()} elements, "
-                                   f"expected {where.part}: the partition group must span every rank")
+                                   f"expected {w.part}: the partition group must span every rank")
         optimizer = params[0]._z3_optimizer if params else None
         if optimizer is None or any(optimizer._swappable_optimizer_subgroup(g)
                                     for g in range(len(optimizer.fp32_partitioned_groups_flat))):
-            return [safe_get_local_fp32_param(p)[:where.stop - where.start] for p in params]
+            return [safe_get_local_fp32_param(p)[:w.stop - w.start] for p, w in zip(params, where, strict=True)]
         if not get_accelerator().resolves_data_dependency():
             optimizer.reduce_and_partition_stream.synchronize()  # once, not per B
         out = []
-        for p in params:
+        for p, w in zip(params, where, strict=True):
             group, offset, numel = optimizer.grad_position[optimizer.get_param_id(p)]
             flat = optimizer.fp32_partitioned_groups_flat[group]
-            out.append(flat.narrow(0, offset, numel)[:where.stop - where.start])
+            out.append(flat.narrow(0, offset, numel)[:w.stop - w.start])
         return out
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -23,6 +24,7 @@ class _Adapted:
     d_out: int
     a_cast: bool  # A is a bank tensor in another dtype: each use saves a working-dtype copy
     b_cast: bool
+    a_key: Optional[str]  # siblings (q/k/v, gate/up) sharing one bank A project (and cast) it once
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,18 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
     h, qd, kvd, f, a, _ = _layer_dims(config)
     tok, const = 0, 0
 
-    def lora(m: str, d_in: int, input_rg: bool) -> None:
+    def lora(m: str, d_in: int, input_rg: bool, projected: Optional[set] = None) -> None:
+        """``projected``: the bank A's this sibling group projected already (one output, one cast)."""
         nonlocal tok, const
         info = adapted[m]
-        tok += d * info.r  # A's output, kept for B's gradient
+        again = projected is not None and info.a_key is not None and info.a_key in projected
+        if projected is not None and info.a_key is not None:
+            projected.add(info.a_key)
+        if not again:
+            tok += d * info.r  # A's output, kept for B's gradient
         if dropout:  # the dropped copy (for A's gradient) and, if the input needs a gradient, the mask
             tok += d * d_in + (mask * d_in if input_rg else 0)
-        if info.a_cast and input_rg:
+        if info.a_cast and input_rg and not again:
             const += d * info.r * d_in
         if info.b_cast:
             const += d * info.d_out * info.r
@@ -85,9 +92,10 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
         tok += 4 * h + 4  # RMSNorm: fp32 input and rsqrt
     if any(map(has, QKV)) and not dropout:
         tok += d * h  # normed input, shared by the q/k/v adapters
+    qkv_projected = None if dropout else set()  # siblings project together (adapters/siblings.py)
     for m in QKV:
         if has(m):
-            lora(m, h, g)
+            lora(m, h, g, qkv_projected)
     att_rg = g or any(map(has, QKV))
     if att_rg:
         if attention == "sdpa":  # q, k, v, output and fp32 log-sum-exp (GQA in the kernel)
@@ -105,9 +113,10 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
         tok += d * h
     gate_rg, up_rg = mid_rg or has("gate_proj"), mid_rg or has("up_proj")
     tok += d * f * (2 * gate_rg + up_rg)  # silu input, and the product's two factors
+    mlp_projected = None if dropout else set()
     for m in ("gate_proj", "up_proj"):
         if has(m):
-            lora(m, h, mid_rg)
+            lora(m, h, mid_rg, mlp_projected)
     if has("down_proj"):
         if not dropout:
             tok += d * f
@@ -125,12 +134,14 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     count against saved-tensor hooks on a small model, to the byte). Per token and layer, with
     d bytes per element: RMSNorm fp32 inputs 2 x (4h + 4); SDPA q, k, v, output and log-sum-exp
     d(2h + 2h_kv) + 4a (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
-    adapter's r-dim intermediate d·r; the normed input d·h for q/k/v and for gate/up adapters;
+    adapter's r-dim intermediate d·r (once for siblings sharing one A: q/k/v, gate/up project
+    together without dropout); the normed input d·h for q/k/v and for gate/up adapters;
     down's input d·f if adapted; with dropout a dropped copy and mask per adapter
     (``dropout_mask_bytes``: 1 on CUDA, whose fused dropout keeps a bool mask; d on CPU). The
     rotary cos/sin, 2·d·head_dim per position, are kept once. A bank tensor
     kept in fp32 while the layers run in 16 bit is cast at every use and autograd keeps each
-    copy: d·r·(d_in or d_out) per adapted module, independent of tokens. The head keeps the final
+    copy: d·r·(d_in or d_out) per adapted module, independent of tokens (once for siblings
+    sharing the A). The head keeps the final
     norm's fp32 input and fp32 log-probs (4V per token); while the loss runs, the logits and
     their fp32 copy, (d + 4)·V per token, are also live. With checkpointing (one segment per
     decoder layer, as transformers does) each layer keeps its input, d·h per token, and the
@@ -158,7 +169,7 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
             raise ValueError(f"adapter {name} is outside the decoder layers; activation_bytes cannot place it")
         layers[i][module_type(name)] = _Adapted(layer.r, layer.in_features, layer.out_features,
                                                 bank_cast and layer.a_key is not None,
-                                                bank_cast and layer.b_key is not None)
+                                                bank_cast and layer.b_key is not None, layer.a_key)
     per_layer, rotary_saved = [], False
     for i, adapted in enumerate(layers):
         saved, rope = _llama_layer(i == 0, adapted, config, d=d, dropout=cfg.dropout > 0, mask=dropout_mask_bytes,

@@ -59,8 +59,10 @@ class Job:
     history: list[dict] = field(default_factory=list)  # what was logged, for tests and the summary
 
 
-def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_sum(on_device: list[torch.Tensor], on_host: list[float], device: Any) -> list[float]:
+    """Sums over ranks of device scalars (kept there: no host sync in the micro-steps) and host
+    numbers, in one all-reduce; the step's one wait for the device is the ``tolist`` here."""
+    tensor = torch.cat([torch.stack(on_device).double(), torch.tensor(on_host, dtype=torch.float64, device=device)])
     if rank_and_world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -94,17 +96,20 @@ def evaluate(job: Job) -> dict[str, float]:
     engine = job.engine
     rank, world = rank_and_world()
     engine.eval()
-    local = [0.0, 0.0]
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    count = 0
     for step in EvalBatches(job.eval_data, micro_batch_size=job.derived.micro_batch_size, world_size=world,
                             rank=rank, pad_id=job.pad_id, max_batches=job.eval_batches):
-        batch = {k: v.to(engine.device) for k, v in step.micro_batches[0].items()}
-        targets = int((batch["labels"][:, 1:] != -100).sum())
+        micro = step.micro_batches[0]
+        targets = int((micro["labels"][:, 1:] != -100).sum())  # counted on the host batch
+        batch = {k: v.to(engine.device) for k, v in micro.items()}
         # num_items_in_batch=1: the summed cross-entropy of this micro-batch
         loss_sum = engine(**model_inputs(batch), num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
-        local[0] += float(loss_sum) if targets else 0.0
-        local[1] += targets
+        if targets:
+            total += loss_sum.double()
+        count += targets
     engine.train()
-    total, count = _all_reduce_sum(local, engine.device)
+    total, count = _all_reduce_sum([total], [count], engine.device)
     loss = total / max(count, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/target_tokens": count}
 
@@ -176,13 +181,16 @@ def train(job: Job, start_step: int) -> list[dict]:
             # global batch's mean token loss however the batch is split (the gradient-accumulation loss fix).
             n_items = torch.tensor(max(step_batch.global_target_tokens, 1) / per_rank_share, device=engine.device)
             skipped_before = engine.skipped_steps
-            local_loss, local_tokens, merges = 0.0, 0, []
+            # The loss stays on the device and tokens are counted on the host batch: reading either from the
+            # device every micro-step would make the host wait for each backward before the next forward.
+            local_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+            local_tokens, merges = 0, []
             for micro in step_batch.micro_batches:
+                local_tokens += int(micro["attention_mask"].sum())
                 batch = {k: v.to(engine.device) for k, v in micro.items()}
                 loss, applied = micro_step(engine, {**model_inputs(batch), "num_items_in_batch": n_items}, job.bank,
                                            job.merger)
-                local_loss += float(loss)
-                local_tokens += int(batch["attention_mask"].sum())
+                local_loss += loss.double()
                 merges += applied
             # fp16: overflowing scaled gradients make the loss scaler skip the update and lower its scale (all
             # ranks agree). Expected, not a divergence (the loss above was finite): counted and logged, not fatal.
@@ -193,8 +201,8 @@ def train(job: Job, start_step: int) -> list[dict]:
             # norm None: this engine keeps no norm (stage 0 in fp32 without clipping).
             norm = None if skipped else grad_norm(job)
             bad_grad = job.derived.dtype != "fp16" and (skipped or (norm is not None and not math.isfinite(norm)))
-            summed_loss, tokens, bad_loss, bad_grad = _all_reduce_sum(
-                [local_loss, local_tokens, float(not math.isfinite(local_loss)), float(bad_grad)], engine.device)
+            summed_loss, bad_loss, tokens, bad_grad = _all_reduce_sum(
+                [local_loss, (~torch.isfinite(local_loss)).double()], [local_tokens, float(bad_grad)], engine.device)
             if bad_loss or bad_grad:  # every rank sees the same sums: all stop together, before any save
                 rows = batches.global_indices(step_batch.step).tolist()
                 what = "loss" if bad_loss else "gradient norm"
