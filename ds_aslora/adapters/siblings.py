@@ -13,8 +13,9 @@ trusted: a projection is reused only by a layer called on the very same tensor o
 version and grad mode, so a model that feeds k something else still gets exact numbers (k computes
 its own from its input) and a recompute under activation checkpointing (new tensors) computes again, the same way
 as the forward did. Off while a dropout is active (peft draws an independent mask per layer). A
-sibling whose A is partitioned (ZeRO-3's own per-layer A above the persistence threshold) computes
-its own; reading it is never a fetch.
+layer whose A is a ZeRO-3 parameter (plain LoRA's own per-layer A under ZeRO-3) projects alone;
+looking at a sibling's is never a fetch. The shared A's (ShareLoRA, ASLoRA) are replicated beside
+the engine, so they project together under every stage.
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
     from .layers import AdapterLinear
 
 
-def _is_whole(tensor: torch.Tensor) -> bool:
-    # A ZeRO-3 parameter (ds_id) is whole only inside its own module's forward, unless it is
-    # persistent (under stage3_param_persistence_threshold: kept whole on every rank).
-    return not hasattr(tensor, "ds_id") or bool(getattr(tensor, "ds_persist", False))
+def _unmanaged(tensor: torch.Tensor) -> bool:
+    # A ZeRO-3 parameter (ds_id) is whole only while ZeRO-3 says so: inside its own module's forward
+    # and backward, or once a persistent one has been gathered by its module's first forward. A
+    # projection that outlives its module's hooks must not hold one, and the joint must not change
+    # between a forward and its recompute (activation checkpointing checks the saved tensors).
+    return not hasattr(tensor, "ds_id")
 
 
 SIBLING_TYPES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -62,9 +65,9 @@ class SiblingProjections:
             if seen.tensor() is x and seen.key == key and id(layer) in seen.pending:
                 return seen.pending.pop(id(layer))
         joint, factors = [layer], [layer.weight_A]
-        for m in self.members:
+        for m in self.members if _unmanaged(factors[0]) else ():
             A = m.peek_A()  # never a ZeRO-3 fetch of another layer's parameter
-            if m is not layer and A is not None and _is_whole(A) and m.compute_dtype(x) == dtype:
+            if m is not layer and A is not None and _unmanaged(A) and m.compute_dtype(x) == dtype:
                 joint.append(m)
                 factors.append(A)
         projections = _project(x.to(dtype), factors, dtype)
