@@ -170,3 +170,61 @@ def test_a_model_that_feeds_a_sibling_another_tensor_keeps_exact_numbers(project
         assert_same(run(ours, ids), want)
     # layer 0: q leads all three; k, called on its copy, leads again; v takes q's; then gate leads up
     assert projections == [3, 3, 2] + [3, 2] * (ours.config.num_hidden_layers - 1)
+
+
+def test_inference_mode_and_an_input_changed_in_place_compute_their_own(projections):
+    ours, ref = pair("aslora")
+    ids = tokens()
+    with torch.no_grad():
+        want = ref(ids).logits
+    with torch.inference_mode():  # inference tensors carry no version counter: each layer its own
+        torch.testing.assert_close(ours(ids).logits, want, **TOL)
+    assert projections == []
+    attention = ours.model.layers[1].self_attn
+    real_forward = attention.k_proj.forward
+
+    def bumped(x, *a, **kw):  # the same tensor object, changed in place after q projected it
+        x.mul_(1.0)
+        return real_forward(x, *a, **kw)
+
+    attention.k_proj.forward = bumped
+    with torch.no_grad():
+        ours(ids)
+        projections.clear()
+        torch.testing.assert_close(ours(ids).logits, want, **TOL)
+    # layer 1: q leads, k (its input's version moved) leads again, v takes k's projection
+    assert projections == [3, 2] + [3, 3, 2] + [3, 2] * (ours.config.num_hidden_layers - 2)
+
+
+@pytest.mark.parametrize("method", ["lora", "aslora-in_dim"])
+def test_autocast_forward_and_backward(method):
+    # autocast runs the forward's matmuls in bf16 while B and the A's stay fp32: the hand-written
+    # backwards must work in the gradient's dtype and return each input's own
+    ours, ref = pair(method)
+    ids = tokens()
+    results = []
+    for model in (ref, ours, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        results.append((out.logits.float(), grads))
+    for got in results[1:]:  # bf16 matmuls: 2^-8 relative per rounding, summed in other orders
+        torch.testing.assert_close(got[0], results[0][0], rtol=0.05, atol=0.05)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(got[1][name], grad, rtol=0.1, atol=0.02 * grad.abs().max().item(), msg=name)
+
+
+def test_fp16_update_gradient_scales_before_it_sums():
+    # a loss-scaled fp16 gradient: 200 x 8 summed over 64 outputs is 102,400 (past fp16's 65,504) before
+    # the scale 0.25, 25,600 after it. The unfused graph scaled first; the fused backward must too.
+    from ds_aslora.adapters.layers import _LowRankUpdate
+
+    result = torch.zeros(4, 64, dtype=torch.float16, requires_grad=True)
+    projected = torch.ones(4, 8, dtype=torch.float16, requires_grad=True)
+    B = torch.full((64, 8), 8.0, dtype=torch.float16, requires_grad=True)
+    _LowRankUpdate.apply(result, projected, B, 0.25, None).backward(torch.full((4, 64), 200.0, dtype=torch.float16))
+    assert torch.equal(projected.grad, torch.full((4, 8), 25600.0, dtype=torch.float16))
+    assert torch.equal(B.grad, torch.full((64, 8), 200.0, dtype=torch.float16))  # 4 rows x 200 x 1 x 0.25

@@ -4,14 +4,15 @@ Per-layer adapters inside the engine (ZeRO stages 0-3), the shared bank replicat
 it; N AdamW steps on a tiny LLaMA in fp32 must give the same adapter weights and losses as
 a plain torch reference on the same global batch, for world sizes 1, 2 and 4. The jobs
 compute sibling projections together (q and v read one input; ``adapters/siblings.py``), the
-reference each layer its own: the reuse is checked on every stage, with checkpointing too.
+reference each layer its own: the reuse is checked on stages 0-2, with checkpointing too
+(ZeRO-3 turns it off: its hooks give every module a copy of its input).
 """
 import pytest
 import torch
 from conftest import LOSS_RTOL, adam_atol, tiny_model, tokens
 from multirank import run_ranks, train_steps
 
-from ds_aslora import AdapterConfig, inject_adapters
+from ds_aslora import AdapterConfig, adapter_layers, inject_adapters
 from ds_aslora.adapters.inject import link_siblings
 
 STEPS, MICRO, LR = 3, 2, 1e-2
@@ -164,6 +165,7 @@ def sibling_fetch_worker(rank):
     config = ds_config(3, 1, world)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, bank = initialize(model, config)
+    assert all(layer.siblings is None for _, layer in adapter_layers(engine.module))  # off under ZeRO-3
     gathers = {}
     for step, reuse in enumerate((True, True, False, True)):  # the first step records ZeRO-3's trace
         link_siblings(engine.module, enabled=reuse)
@@ -176,10 +178,10 @@ def sibling_fetch_worker(rank):
 
 
 @pytest.mark.slow
-def test_a_sibling_reads_a_partitioned_a_without_fetching_it():
-    # q and v are siblings; under ZeRO-3 their own A's are partitioned and gathered by each one's
-    # forward. Looking at v's A from q's forward must not gather it a second time (ZeRO-3 fetches a
-    # parameter read in another module's forward and registers it there for good).
+def test_zero3_turns_the_sibling_reuse_off_and_fetches_nothing_more():
+    # ZeRO-3's module hooks give q, k and v each a detached copy of the input, so siblings never share
+    # one: initialize unlinks them. Toggling the reuse changes no gather, and no module registers
+    # another's A as an external parameter (ZeRO-3 fetches a parameter read in another's forward).
     for gathers, external in run_ranks(sibling_fetch_worker, 2):
         assert external == 0  # plain LoRA: no module reads another's parameter
         assert gathers[1] == gathers[2] == gathers[3], gathers

@@ -55,12 +55,16 @@ class _LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         projected, B = ctx.saved_tensors
+        # In the gradient's dtype (autocast may have run the addmm lower than B and the projection),
+        # each result back in its input's; the scale on the small operand first, as the unfused
+        # graph did, so an fp16 gradient overflows no sooner than it did there.
         flat = grad.reshape(-1, grad.shape[-1])
         grad_projected = grad_B = grad_retired = None
         if ctx.needs_input_grad[1]:
-            grad_projected = torch.mm(flat, B).mul_(ctx.scaling).view(projected.shape)
+            grad_projected = torch.mm(flat, B.to(grad.dtype) * ctx.scaling).view(projected.shape).to(projected.dtype)
         if ctx.needs_input_grad[2]:
-            grad_B = torch.mm(flat.t(), projected.reshape(-1, projected.shape[-1])).mul_(ctx.scaling)
+            small = projected.reshape(-1, projected.shape[-1]).to(grad.dtype) * ctx.scaling
+            grad_B = torch.mm(flat.t(), small).to(B.dtype)
         if ctx.retired is not None:
             shape, dtype, device = ctx.retired
             grad_retired = torch.zeros(shape, dtype=dtype, device=device)

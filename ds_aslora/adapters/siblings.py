@@ -13,9 +13,10 @@ trusted: a projection is reused only by a layer called on the very same tensor o
 version and grad mode, so a model that feeds k something else still gets exact numbers (k computes
 its own from its input) and a recompute under activation checkpointing (new tensors) computes again, the same way
 as the forward did. Off while a dropout is active (peft draws an independent mask per layer). A
-layer whose A is a ZeRO-3 parameter (plain LoRA's own per-layer A under ZeRO-3) projects alone;
-looking at a sibling's is never a fetch. The shared A's (ShareLoRA, ASLoRA) are replicated beside
-the engine, so they project together under every stage.
+layer whose A is a ZeRO-3 parameter projects alone, and looking at a sibling's is never a fetch;
+under ZeRO-3 the reuse is off altogether (``runtime.engine``: its hooks give each module a detached
+copy of the input, so no two siblings see one tensor). Off under ``torch.inference_mode`` (no
+version counters) and ``torch.compile`` (the cache's guards would break the graph at every layer).
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ class SiblingProjections:
 
     def projection(self, layer: "AdapterLinear", x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x @ A^T`` of ``layer`` in ``dtype``, computed with its siblings' when they read the same ``x``."""
+        if torch.compiler.is_compiling() or x.is_inference():
+            # inference tensors keep no version counter; under torch.compile the cache's guards would
+            # break the graph at every layer: each layer its own projection (the compiler may fuse them)
+            return F.linear(x.to(dtype), layer.weight_A.to(dtype))
         key = (x._version, torch.is_grad_enabled(), dtype)
         for seen in self._inputs.values():
             if seen.tensor() is x and seen.key == key and id(layer) in seen.pending:
@@ -91,19 +96,23 @@ class _JointProjection(torch.autograd.Function):
         need_x, need_factors = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
         ctx.save_for_backward(x if need_factors else None, *(A if need_x else None for A in factors))
         ctx.rows = [A.shape[0] for A in factors]
+        ctx.input_dtypes = [x.dtype] + [A.dtype for A in factors]
         columns = F.linear(x, torch.cat(factors)).split([A.shape[0] for A in factors], dim=-1)
         return tuple(c.contiguous() for c in columns)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, *factors = ctx.saved_tensors
-        grad = torch.cat(grads, dim=-1)
-        grad_x = F.linear(grad, torch.cat(factors).t()) if ctx.needs_input_grad[0] else None
-        per_factor = [None] * len(factors)
+        grad = torch.cat(grads, dim=-1)  # in the forward's output dtype (autocast may have lowered it)
+        grad_x, grad_factors = None, [None] * len(factors)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.linear(grad, torch.cat([A.to(grad.dtype) for A in factors]).t()).to(ctx.input_dtypes[0])
         if x is not None:
             flat = grad.reshape(-1, grad.shape[-1]).t()
-            per_factor = list(torch.mm(flat, x.reshape(-1, x.shape[-1])).split(ctx.rows))
-        return (grad_x, *(g if need else None for g, need in zip(per_factor, ctx.needs_input_grad[1:], strict=True)))
+            split = torch.mm(flat, x.reshape(-1, x.shape[-1]).to(grad.dtype)).split(ctx.rows)
+            needs = zip(split, ctx.needs_input_grad[1:], ctx.input_dtypes[1:], strict=True)
+            grad_factors = [g.to(dtype) if need else None for g, need, dtype in needs]
+        return (grad_x, *grad_factors)
 
 
 def _project(x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:

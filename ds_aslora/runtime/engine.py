@@ -26,7 +26,7 @@ from deepspeed.utils import log_dist
 from torch import nn
 
 from ..adapters.bank import SharedBank
-from ..adapters.inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank
+from ..adapters.inject import BANK_NAME, LIFTED_BANK, adapter_layers, find_bank, link_siblings
 from .bank_optim import bank_optimizer
 from .replicated_bank import ReplicatedBank
 from .zero3_gather import coalesce_persistent_gather, keep_persistent_resident
@@ -147,6 +147,10 @@ def initialize(model: nn.Module, ds_config: dict, shared_mode: str = "replicated
         raise ValueError("no per-layer adapter parameters to hand to DeepSpeed (sharelora share=AB "
                          "keeps every trainable tensor in the shared bank): use shared_mode='engine'")
     cast_adapters(model, working_dtype(ds_config))
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # ZeRO-3's module hooks hand each module a fresh detached copy of its input, so siblings never
+        # see one tensor: each would lead and project for all (adapters/siblings.py). Per layer, as before.
+        link_siblings(model, enabled=False)
     ds_config = zero3_residency(model, ds_config)
     scheduler = None
     if lr_schedule is not None:
