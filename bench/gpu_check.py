@@ -75,12 +75,17 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def step_bench_args(stage: int, args) -> SimpleNamespace:
+    """The options `bench/step_bench.py` would parse, for its `build` (all-linear, the library's defaults)."""
+    return SimpleNamespace(stage=stage, r=args.r, targets=["all-linear"], batch=args.batch, bf16=not args.dry,
+                           persistence_threshold=None, uncoalesced=False, no_sibling_reuse=False)
+
+
 def step_times(table: Table, args, shape: dict, stage: int) -> None:
     import deepspeed.comm as dist
     import step_bench
 
-    bench_args = SimpleNamespace(stage=stage, r=args.r, targets=["all-linear"], batch=args.batch,
-                                 bf16=not args.dry, persistence_threshold=None, uncoalesced=False)
+    bench_args = step_bench_args(stage, args)
     jobs = {v: step_bench.build(v, bench_args, shape) for v in step_bench.VARIANTS}
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     times, _ = step_bench.alternate(jobs, ids, args.warmup, args.repeats)
@@ -115,8 +120,7 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    bench_args = SimpleNamespace(stage=3, r=args.r, targets=["all-linear"], batch=args.batch, bf16=not args.dry,
-                                 persistence_threshold=None, uncoalesced=False)
+    bench_args = step_bench_args(3, args)
     engine, bank, _ = step_bench.build("aslora", bench_args, shape)
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}

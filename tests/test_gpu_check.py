@@ -25,4 +25,5 @@ def test_gpu_check_dry_run_passes_every_part(tmp_path):
     assert "FAILED" not in table
     steps = [re.split(r"\s{2,}", line)[:2] for line in table.splitlines() if re.match(r"ZeRO-\d step", line)]
     assert steps == [[f"ZeRO-{stage} step", variant] for stage in (2, 3)
-                     for variant in ("frozen base", "peft lora", "lora", "sharelora A", "aslora")]
+                     for variant in ("frozen base", "peft lora", "lora", "sharelora A", "sharelora qkv", "aslora",
+                                  "aslora in_dim")]
