@@ -10,6 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU DeepSpeed with gloo, no GPU needed
+# This process computes the single-process references on tiny models, like every rank and job the tests start
+# (OMP_NUM_THREADS=1), with one thread: a second one speeds nothing up at these sizes, and where the cores are
+# busy two OpenMP threads per small matmul stall each other (a 0.1 s reference took 15 s on 2 loaded cores).
+torch.set_num_threads(1)
 
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 

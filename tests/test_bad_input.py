@@ -5,7 +5,9 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from launcher import FP16_ON_CPU, ROOT, job, launch
@@ -97,16 +99,26 @@ def bad_inputs(assets, tmp):
 
 @pytest.mark.slow
 def test_each_bad_input_is_one_clear_line_and_leaves_the_output_dir_untouched(assets, existing_run, tmp_path):
-    for name, args, kwargs, fragment in bad_inputs(assets, tmp_path):
-        # a new output dir stays absent; an existing run stays as it was even with --overwrite_output_dir:
-        # bad input fails before anything is removed or written
-        for out in (tmp_path / "fresh", existing_run):
-            before = snapshot(out)
-            extra = ["--overwrite_output_dir"] if out == existing_run else []
-            status, errors, stderr = job(assets, out, *args, *extra, **kwargs)
-            assert status == 2 and len(errors) == 1 and fragment in errors[0], (name, errors, stderr[-2000:])
-            assert "Traceback" not in stderr, (name, stderr[-2000:])
-            assert snapshot(out) == before, name
+    # a new output dir stays absent; an existing run stays as it was even with --overwrite_output_dir:
+    # bad input fails before anything is removed or written. Every refused job is its own process with its
+    # own output dir (a fresh one, or a copy of the finished run), so they run two at a time (a core each).
+    def refused(index, case, existing):
+        name, args, kwargs, fragment = case
+        out = tmp_path / f"case{index}" / ("existing" if existing else "fresh")
+        if existing:
+            shutil.copytree(existing_run, out)
+        before = snapshot(out)
+        extra = ["--overwrite_output_dir"] if existing else []
+        return job(assets, out, *args, *extra, **kwargs), before, snapshot(out)
+
+    cases = [(i, case, existing) for i, case in enumerate(bad_inputs(assets, tmp_path)) for existing in (False, True)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = list(pool.map(lambda c: refused(*c), cases))
+    for (_, (name, _, _, fragment), existing), ((status, errors, stderr), before, after) in zip(cases, done,
+                                                                                               strict=True):
+        assert status == 2 and len(errors) == 1 and fragment in errors[0], (name, existing, errors, stderr[-2000:])
+        assert "Traceback" not in stderr, (name, stderr[-2000:])
+        assert after == before, (name, existing)
 
 
 @pytest.mark.slow

@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import LOSS_RTOL, adam_atol
 from multirank import run_ranks
-from test_merge_coordinator import LR, STEPS, adapted, ds_config, full_state, train
+from test_merge_coordinator import LR, STEPS, adapted, ds_config, end_state, raw_adjacent, train
 
 SAVE_AT = 5  # one step after the first merge event (step 4); some cases save at the event itself
 
 
 def job(rank, stage, ga, ckpt_dir, phase, save_at=SAVE_AT):
+    """``first``: steps 1 to ``save_at``, then a checkpoint; ``resume``: from it to the end. The
+    uninterrupted run they must add up to is test_merge_coordinator's ``raw_adjacent``."""
     import deepspeed.comm as dist
 
     from ds_aslora.merging.coordinator import MergeCoordinator
@@ -31,25 +33,52 @@ def job(rank, stage, ga, ckpt_dir, phase, save_at=SAVE_AT):
         assert extra == {"data_position": save_at} and engine.global_steps == save_at
         steps = range(save_at + 1, STEPS + 1)
     else:
-        steps = range(1, (save_at if phase == "first" else STEPS) + 1)
+        steps = range(1, save_at + 1)
     losses = train(engine, bank, merger, world, steps, ga)
     if phase == "first":
         save_checkpoint(engine, ckpt_dir, bank=bank, merger=merger, client_state={"data_position": save_at})
-    state = full_state(engine)
-    state.update({k: bank.bank.get(k).detach().clone() for k in bank.bank.keys()})
-    history = [(m.module_type, m.upper, m.lower, m.step, m.distance) for m in merger.policy.history]
-    return losses, state, history
+    return end_state(engine, bank, merger, losses)
+
+
+def full(stage, world):
+    """Rank 0's (losses, state, history) of the uninterrupted 8-step run (ga 1), shared with
+    test_merge_coordinator (which checks that run against the single-process reference)."""
+    return raw_adjacent(stage, world)[0][2]
+
+
+class Saved:
+    """The first phase's checkpoints, each saved once per module by (stage, world, ga, save_at): the
+    job is deterministic (seeded model and data), so it is the checkpoint each test would save. Every
+    test gets its own copy of the folder (several tear, replace or add files in it)."""
+
+    def __init__(self, root):
+        self.root, self.folders = root, {}
+
+    def copy(self, dest, stage=2, world=2, ga=1, save_at=SAVE_AT):
+        key = (stage, world, ga, save_at)
+        if key not in self.folders:
+            self.folders[key] = str(self.root / "stage{}-world{}-ga{}-step{}".format(*key))
+            run_ranks(job, world, stage, ga, self.folders[key], "first", save_at)
+        shutil.copytree(self.folders[key], dest)
+        return str(dest)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return Saved(tmp_path_factory.mktemp("saved"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, world, resume_world, ga, save_at", [(3, 2, 2, 1, 4), (3, 2, 2, 1, 5), (2, 2, 2, 1, 4),
                                                                      (1, 4, 4, 1, 5), (0, 2, 1, 1, 5)])
-def test_resume_after_a_merge_continues_the_uninterrupted_run(tmp_path, stage, world, resume_world, ga, save_at):
-    full_losses, full_weights, full_history = run_ranks(job, world, stage, ga, None, "full")[0]
-    run_ranks(job, world, stage, ga, str(tmp_path), "first", save_at)
+def test_resume_after_a_merge_continues_the_uninterrupted_run(checkpoints, tmp_path, stage, world, resume_world, ga,
+                                                              save_at):
+    assert ga == 1  # the uninterrupted run's
+    full_losses, full_weights, full_history = full(stage, world)
+    ckpt = checkpoints.copy(tmp_path / "ckpt", stage, world, ga, save_at)
     # stage 0 holds no partitioned state: the running-mean slices are re-cut for another world size
     resume_ga = ga * world // resume_world
-    for losses, weights, history in run_ranks(job, resume_world, stage, resume_ga, str(tmp_path), "resume", save_at):
+    for losses, weights, history in run_ranks(job, resume_world, stage, resume_ga, ckpt, "resume", save_at):
         assert [h[:4] for h in history] == [h[:4] for h in full_history] and len(history) == 9
         # distances after the resume come from the restored (and, on 1 rank, re-cut) running means
         torch.testing.assert_close(torch.tensor([h[4] for h in history], dtype=torch.float64),
@@ -99,9 +128,8 @@ def crash_while_saving(rank, ckpt_dir):
 
 
 @pytest.mark.slow
-def test_bad_checkpoints_fail_clearly_on_every_rank_and_a_crashed_save_keeps_the_last_good_one(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, 2, 1, ckpt, "first")
+def test_bad_checkpoints_fail_clearly_on_every_rank_and_a_crashed_save_keeps_the_last_good_one(checkpoints, tmp_path):
+    ckpt = checkpoints.copy(tmp_path / "ckpt")
     (message,) = run_ranks(refuse, 1, [ckpt], 2)
     assert "written by 2 ranks at ZeRO stage 2" in message and "onto 1 ranks" in message
     (message,) = run_ranks(refuse, 1, [str(tmp_path / "nothing")], 2)
@@ -120,7 +148,7 @@ def test_bad_checkpoints_fail_clearly_on_every_rank_and_a_crashed_save_keeps_the
     torn_files = os.listdir(os.path.join(ckpt, f"global_step{SAVE_AT + 1}"))
     assert "mp_rank_00_model_states.pt" in torn_files and "ds_aslora.json" not in torn_files
     assert open(os.path.join(ckpt, "latest")).read() == f"global_step{SAVE_AT}"
-    full_losses, *_ = run_ranks(job, 2, 2, 1, None, "full")[0]
+    full_losses, *_ = full(2, 2)
     losses, *_ = run_ranks(job, 2, 2, 1, ckpt, "resume")[0]  # asserts it resumes at SAVE_AT
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(full_losses[SAVE_AT:]), rtol=LOSS_RTOL, atol=0)
 
@@ -141,9 +169,8 @@ def resume_save_again(rank, ckpt_dir):
 
 
 @pytest.mark.slow
-def test_a_save_torn_by_a_crash_is_set_aside_when_the_resumed_run_saves_that_step(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, 2, 1, ckpt, "first")
+def test_a_save_torn_by_a_crash_is_set_aside_when_the_resumed_run_saves_that_step(checkpoints, tmp_path):
+    ckpt = checkpoints.copy(tmp_path / "ckpt")
     with pytest.raises(Exception, match="simulated crash"):
         run_ranks(crash_while_saving, 2, ckpt)
     torn = os.path.join(ckpt, f"global_step{SAVE_AT + 1}")
@@ -176,10 +203,9 @@ def refuse_or_load(rank, ckpt_dir, with_bank, with_merger, extra_config=None, sa
 
 
 @pytest.mark.slow
-def test_a_bad_deepspeed_partition_file_on_one_rank_stops_every_rank_alike(tmp_path):
+def test_a_bad_deepspeed_partition_file_on_one_rank_stops_every_rank_alike(checkpoints, tmp_path):
     # DeepSpeed fails only on the rank whose file is bad; the others would go on into the next collective.
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, 2, 1, ckpt, "first")
+    ckpt = checkpoints.copy(tmp_path / "ckpt")
     folder = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
     partition = os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with open(partition, "r+b") as f:  # torn: the first half only
@@ -192,9 +218,8 @@ def test_a_bad_deepspeed_partition_file_on_one_rank_stops_every_rank_alike(tmp_p
 
 
 @pytest.mark.slow
-def test_loading_without_the_bank_or_merger_a_checkpoint_holds_is_refused(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, 2, 1, ckpt, "first")
+def test_loading_without_the_bank_or_merger_a_checkpoint_holds_is_refused(checkpoints, tmp_path):
+    ckpt = checkpoints.copy(tmp_path / "ckpt")
     for bank, merger, what in ((False, True, "shared-bank tensors"), (True, False, "ASLoRA merge state")):
         messages = run_ranks(refuse_or_load, 2, ckpt, bank, merger)
         assert messages[0] == messages[1] and what in messages[0] and "was not given them" in messages[0]
@@ -237,11 +262,10 @@ def resume_reads(rank, stage, ckpt_dir):
 
 
 @pytest.mark.slow
-def test_a_resumed_rank_reads_and_checks_only_the_running_means_its_slices_need(tmp_path):
-    same, recut = str(tmp_path / "same"), str(tmp_path / "recut")
-    run_ranks(job, 2, 2, 1, same, "first")
+def test_a_resumed_rank_reads_and_checks_only_the_running_means_its_slices_need(checkpoints, tmp_path):
+    same = checkpoints.copy(tmp_path / "same")
     assert run_ranks(resume_reads, 2, 2, same) == [["merge_means_rank00000.pt"], ["merge_means_rank00001.pt"]]
-    run_ranks(job, 4, 0, 1, recut, "first")  # stage 0 re-cuts 4 ranks' slices onto 2
+    recut = checkpoints.copy(tmp_path / "recut", stage=0, world=4)  # stage 0 re-cuts 4 ranks' slices onto 2
     assert run_ranks(resume_reads, 2, 0, recut) == [["merge_means_rank00000.pt", "merge_means_rank00001.pt"],
                                                      ["merge_means_rank00002.pt", "merge_means_rank00003.pt"]]
 
@@ -277,11 +301,10 @@ def load_locations(rank, stage, ckpt_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
-def test_every_rank_reads_checkpoint_files_onto_the_cpu(tmp_path, stage):
+def test_every_rank_reads_checkpoint_files_onto_the_cpu(checkpoints, tmp_path, stage):
     # DeepSpeed reads rank 0's module-state file (client_state: bank and merge state) with an identity
     # map_location: tensors saved from cuda:0 would land on cuda:0 on every rank of the node.
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, stage, 1, ckpt, "first")
+    ckpt = checkpoints.copy(tmp_path / "ckpt", stage=stage)
     for reads, saved in run_ranks(load_locations, 2, stage, ckpt):
         assert any(name == "mp_rank_00_model_states.pt" for name, _ in reads)
         assert all(where == "cpu" for _, where in reads), reads
@@ -315,9 +338,8 @@ class _Payload:
 
 
 @pytest.mark.slow
-def test_a_crafted_pickle_in_a_checkpoint_is_refused_on_every_rank_not_executed(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    run_ranks(job, 2, 2, 1, ckpt, "first")
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_on_every_rank_not_executed(checkpoints, tmp_path):
+    ckpt = checkpoints.copy(tmp_path / "ckpt")
     marker = tmp_path / "executed"
     for name in ("merge_means_rank00001.pt", "rng_state_rank00001.pt"):
         path = os.path.join(ckpt, f"global_step{SAVE_AT}", name)

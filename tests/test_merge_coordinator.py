@@ -117,8 +117,29 @@ def coordinated(rank, options, stage, ga, offload=False, shared_mode="replicated
         events[step] = (plan_key(plan), distances(plan), full_state(engine))
         accounting[step] = merger.accounting()
 
-    train(engine, bank, merger, world, range(1, STEPS + 1), ga, on_event=record)
-    return events, accounting
+    losses = train(engine, bank, merger, world, range(1, STEPS + 1), ga, on_event=record)
+    return events, accounting, end_state(engine, bank, merger, losses)
+
+
+def end_state(engine, bank, merger, losses):
+    """(losses, every adapter's fp32 value and Adam moments and the bank's tensors, merge history) at the
+    end of a run: what a resumed run must reproduce (test_checkpoint). A collective."""
+    state = full_state(engine)
+    if bank:
+        state.update({k: bank.bank.get(k).detach().clone() for k in bank.bank.keys()})
+    history = [(m.module_type, m.upper, m.lower, m.step, m.distance) for m in merger.policy.history]
+    return losses, state, history
+
+
+_RAW_ADJACENT = {}
+
+
+def raw_adjacent(stage, world):
+    """Every rank's result of the 8-step raw-adjacent run on ``stage`` and ``world`` (ga 1), run once per
+    session: test_checkpoint's resumed runs must end where this uninterrupted one does. Read-only."""
+    if (stage, world) not in _RAW_ADJACENT:
+        _RAW_ADJACENT[stage, world] = run_ranks(coordinated, world, "raw-adjacent", stage, 1)
+    return _RAW_ADJACENT[stage, world]
 
 
 R, D_IN, D_OUT = 4, {"q_proj": 33, "v_proj": 33, "down_proj": 64}, {"q_proj": 24, "v_proj": 8, "down_proj": 33}
@@ -151,7 +172,7 @@ def assert_same_state(state, expected, where):
 def test_merges_match_the_single_process_reference(stage, world):
     expected, trainable = reference("raw-adjacent", world)
     assert sorted(expected) == [4, 6, 8]
-    for events, accounting in run_ranks(coordinated, world, "raw-adjacent", stage, 1):
+    for events, accounting, _ in raw_adjacent(stage, world):
         assert_same_events(events, expected)
         live = {step: acc["live_groups"] for step, acc in accounting.items()}
         assert live == {4: dict.fromkeys(D_IN, 3), 6: dict.fromkeys(D_IN, 2), 8: dict.fromkeys(D_IN, 1)}
@@ -169,7 +190,7 @@ def test_merges_match_the_single_process_reference(stage, world):
 def test_effective_distance_and_all_pairs_on_sliced_rows(stage, world, ga, offload, shared_mode):
     expected, _ = reference("effective-all", world, ga)
     assert {s: len(plan) for s, (plan, *_) in expected.items()} == {4: 6, 6: 3}  # 2 then 1 per module type
-    for events, _ in run_ranks(coordinated, world, "effective-all", stage, ga, offload, shared_mode):
+    for events, *_ in run_ranks(coordinated, world, "effective-all", stage, ga, offload, shared_mode):
         assert_same_events(events, expected)
 
 
@@ -179,7 +200,7 @@ def test_merges_under_joint_gradient_clipping(stage):
     # Clipping binds at every step (grad norms 0.21-0.33); retired B must add nothing to the norm
     # (ZeRO-3 would add its stale last gradient) and the shared A is clipped jointly (engine mode).
     expected, _ = reference("raw-adjacent", 2, clip=0.02)
-    for events, _ in run_ranks(coordinated, 2, "raw-adjacent", stage, 1, False, "engine", 0.02):
+    for events, *_ in run_ranks(coordinated, 2, "raw-adjacent", stage, 1, False, "engine", 0.02):
         assert_same_events(events, expected)
 
 
