@@ -15,6 +15,8 @@ Sibling projections (q/k/v, gate/up read one input: their x @ A^T in one matmul,
 shared A) are on, as in the job; ``--no_sibling_reuse`` turns them off.
 Under ZeRO-3 our variants re-gather their persistent tensors after each step in one all-gather per
 dtype (ds_aslora.runtime.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
+``--profile N`` then profiles one more step of each variant and prints the N operators that add most
+time over the floor: where a variant's extra time goes.
 """
 from __future__ import annotations
 
@@ -107,6 +109,31 @@ def alternate(jobs, ids, warmup, repeats):
     return times, records
 
 
+def profile_steps(jobs, ids):
+    """{variant: {operator: (self CPU ms, calls)}} of one more step of each variant."""
+    from torch.profiler import ProfilerActivity, profile
+    ops = {}
+    for variant, (engine, bank, _) in jobs.items():
+        batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            micro_step(engine, batch, bank)
+        ops[variant] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    return ops
+
+
+def print_added_ops(ops, top):
+    """Where a variant's time goes beyond the floor's: the operators it adds most self time to."""
+    floor = ops.get(FROZEN, {})
+    for variant, table in ops.items():
+        if variant == FROZEN:
+            continue
+        added = {k: (ms - floor.get(k, (0.0, 0))[0], n - floor.get(k, (0.0, 0))[1]) for k, (ms, n) in table.items()}
+        total = sum(ms for ms, _ in table.values()) - sum(ms for ms, _ in floor.values())
+        print(f"\n{variant}: {total:+.0f} ms self CPU over the floor (profiled step); top operators:")
+        for key, (ms, calls) in sorted(added.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"  {key:<48}{ms:>+9.1f} ms{calls:>+7d} calls")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, default=2)
@@ -125,6 +152,9 @@ def main():
     parser.add_argument("--no_sibling_reuse", action="store_true",
                         help="each adapter computes its own x @ A (ds_aslora.adapters.siblings off): today's cost")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed rounds, profile one step of each variant and print the N operators "
+                             "that add most time over the floor")
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()
     deepspeed.init_distributed()
@@ -132,6 +162,7 @@ def main():
     gen = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=gen)
     times, records = alternate(jobs, ids, args.warmup, args.repeats)
+    ops = profile_steps(jobs, ids) if args.profile else {}
     if dist.get_rank() == 0:
         floor, peft = statistics.median(times.get(FROZEN, [float("nan")])), statistics.median(
             times.get(PEFT, [float("nan")]))
@@ -148,6 +179,7 @@ def main():
             print(f"{variant:<15}{trainable:>12,d}{median:>8.3f}{min(t):>7.3f}-{max(t):<7.3f}{median / floor:>9.2f}"
                   f"{median / peft:>8.2f}{gathers:>13d}{len(rec.calls):>13d}{rec.bytes() / 2**20:>9.2f}"
                   f"{rec.count('ds_aslora'):>8d}/{rec.bytes('ds_aslora') / 2**20:.3f}")
+        print_added_ops(ops, args.profile)
     dist.destroy_process_group()
 
 
