@@ -85,6 +85,35 @@ def test_collate_restarts_positions_per_sample_and_the_model_gets_no_mask():
     assert model_inputs(plain) == {**plain, "use_cache": False} and "position_ids" not in plain
 
 
+def test_flash_attention_gets_a_packed_micro_batch_as_one_row_without_padding():
+    """transformers' flash attention finds packed samples from position ids only in a one-row batch."""
+    batch = collate({"input_ids": [[5, 6, 7, 8, 9], [5, 6]], "labels": [[X, 6, 7, X, 9], [X, 6]],
+                     "sample_lengths": [[3, 2], [2]]}, pad_id=0)
+    flat = model_inputs(batch, "flash_attention_2")
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 5, 6]]
+    assert flat["labels"].tolist() == [[X, 6, 7, X, 9, X, 6]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert "attention_mask" not in flat and flat["use_cache"] is False
+    one_row = collate({"input_ids": [[5, 6, 7]], "labels": [[X, 6, 7]], "sample_lengths": [[1, 2]]}, pad_id=0)
+    assert model_inputs(one_row, "flash_attention_2").keys() == model_inputs(one_row).keys()
+    assert model_inputs(one_row, "flash_attention_2")["input_ids"] is one_row["input_ids"]
+    plain = collate({"input_ids": [[5, 6], [7]], "labels": [[X, 6], [X]]}, pad_id=0)  # unpacked: flash takes the mask
+    assert model_inputs(plain, "flash_attention_2") == {**plain, "use_cache": False}
+
+
+def test_flash_attention_needs_its_package_and_a_gpu_before_the_model_loads(monkeypatch):
+    from ds_aslora.train import model_setup
+
+    model_setup.check_attention("sdpa")
+    monkeypatch.setattr(model_setup.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="flash_attention_2 needs the flash_attn package"):
+        model_setup.check_attention("flash_attention_2")
+    monkeypatch.setattr(model_setup.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(model_setup.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="flash_attention_3 needs CUDA GPUs"):
+        model_setup.check_attention("flash_attention_3")
+
+
 def byte_tokenizer():
     from ds_aslora.train.model_setup import byte_tokenizer as build
 
@@ -116,12 +145,12 @@ TEXTS = ["To be, or not to be, that is the question:", "Whether 'tis nobler in t
          "The heart-ache and the thousand natural shocks", "That flesh is heir to: 'tis a consummation"]
 
 
-def summed_losses(model, batches):
+def summed_losses(model, batches, attention="sdpa"):
     """Summed token cross-entropy and target count over the batches, and the adapters' gradient."""
     model.zero_grad()
     total, targets = 0.0, 0
     for batch in batches:
-        out = model(**model_inputs(batch), num_items_in_batch=torch.tensor(1.0))
+        out = model(**model_inputs(batch, attention), num_items_in_batch=torch.tensor(1.0))
         out.loss.backward()
         total += float(out.loss.detach())
         targets += int((batch["labels"][:, 1:] != X).sum())
@@ -156,3 +185,8 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradient(which):
     assert loss_p == pytest.approx(loss_u, rel=1e-5)
     for name in grad_u:
         assert (grad_p[name] - grad_u[name]).norm() <= 1e-4 * grad_u[name].norm(), name
+    # The one-row form flash attention gets, through SDPA (the same per-sample masks from position ids).
+    loss_f, n_f, grad_f = summed_losses(model, packed, "flash_attention_2")
+    assert n_f == n_u and loss_f == pytest.approx(loss_u, rel=1e-5)
+    for name in grad_u:
+        assert (grad_f[name] - grad_u[name]).norm() <= 1e-4 * grad_u[name].norm(), name

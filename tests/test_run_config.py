@@ -82,6 +82,8 @@ def test_yaml_is_flat_and_the_command_line_overrides_it(tmp_path):
     (["--learning_rate", "--max_steps", "3"], "option --learning_rate needs a value"),
     (["--local_rank=x"], "--local_rank: expected an integer, got 'x'"),
     (["--dtype", "int8"], "dtype must be one of ['auto', 'bf16', 'fp16', 'fp32'], got 'int8'"),
+    (["--attn_implementation", "flash"], "attn_implementation must be one of ['sdpa', 'eager', 'flash_attention_2', "
+                                         "'flash_attention_3'], got 'flash'"),
     (["--warmup_steps", "3", "--warmup_ratio", "0.1"], "set warmup_steps or warmup_ratio, not both"),
     (["--eval_data", "e.jsonl", "--eval_fraction", "0.1"], "set eval_data or eval_fraction, not both"),
     (["--r", "0"], "AdapterConfig.r must be an integer >= 1, got 0"),

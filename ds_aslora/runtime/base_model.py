@@ -14,7 +14,8 @@ from torch import nn
 
 
 def load_base_model(path: str, ds_config: dict, dtype: torch.dtype = torch.bfloat16,
-                    trust_remote_code: bool = False) -> tuple[nn.Module, Optional[Any]]:
+                    trust_remote_code: bool = False, attn_implementation: str = "sdpa"
+                    ) -> tuple[nn.Module, Optional[Any]]:
     """``(model, keep_alive)``: a frozen causal LM, partitioned at construction under
     ZeRO-3 (``keep_alive`` is the HfDeepSpeedConfig to hold), whole otherwise (None)."""
     from transformers import AutoModelForCausalLM
@@ -27,6 +28,7 @@ def load_base_model(path: str, ds_config: dict, dtype: torch.dtype = torch.bfloa
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         keep_alive = HfDeepSpeedConfig(ds_config)
     # no device_map: ZeRO places it; code shipped with a checkpoint runs only when the user says so
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     model.requires_grad_(False)
     return model, keep_alive

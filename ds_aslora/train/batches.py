@@ -47,12 +47,20 @@ def collate(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[st
     return batch
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> dict[str, Any]:
     """What the model's forward takes: packed batches go without their attention mask, so that
     transformers builds the per-sample (block-diagonal) causal mask from the position ids. No KV
-    cache: with one, transformers skips that mask (and a training forward never needs it)."""
-    inputs: dict[str, Any] = {k: v for k, v in batch.items()
-                              if not (k == "attention_mask" and "position_ids" in batch)}
+    cache: with one, transformers skips that mask (and a training forward never needs it).
+
+    Flash attention reads position ids as packed samples only in a batch of one row, so a packed
+    micro-batch of several rows goes to it as one row of their tokens, padding dropped. The loss is
+    the same: each sample's first label is -100, so no token learns to predict the next row's."""
+    if "position_ids" not in batch:
+        return {**batch, "use_cache": False}
+    inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+    if attn_implementation.startswith("flash_attention") and batch["input_ids"].shape[0] > 1:
+        real = batch["attention_mask"].bool()
+        inputs = {k: v[real].unsqueeze(0) for k, v in inputs.items()}
     return {**inputs, "use_cache": False}
 
 

@@ -45,6 +45,7 @@ from .exports import BEST, export_best, save_tokenizer, serving_tokenizer, vllm_
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
     TINY,
+    check_attention,
     check_model_folder,
     enable_activation_checkpointing,
     is_hub_id,
@@ -385,6 +386,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
     try:
+        check_attention(run.model.attn_implementation)
         if model_path != TINY:
             check_model_folder(model_path)
         config = base_config(model_path, run.model.trust_remote_code)
@@ -413,7 +415,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     if run.adapter.method == "aslora" and resume_from is None:  # refused before the model loads (a resumed
         check_aslora_schedule(meta, derived.max_steps)             # run keeps the schedule it started with)
     model, keep_alive = load_model(model_path, tokenizer, ds_config, derived.dtype, seed=run.training.seed,
-                                   trust_remote_code=run.model.trust_remote_code)
+                                   trust_remote_code=run.model.trust_remote_code,
+                                   attn_implementation=run.model.attn_implementation)
     source = run.model.model if is_hub_id(run.model.model) else model_path  # what an export records as its base
     torch.manual_seed(run.training.seed)  # adapter initialisation (rank 0's is broadcast)
     inject_adapters(model, run.adapter)

@@ -98,6 +98,11 @@ def grad_norm(job: Job) -> Optional[float]:
     return math.sqrt(sum(n * n for n in parts)) if parts else None
 
 
+def attention_of(engine: Any) -> str:
+    """The attention kernel the model was loaded with (transformers' ``attn_implementation``)."""
+    return getattr(engine.module.config, "_attn_implementation", None) or "sdpa"
+
+
 @torch.no_grad()
 def evaluate(job: Job) -> dict[str, float]:
     """Mean loss per target token over the eval set (every rank takes part: ZeRO-3 forwards
@@ -113,7 +118,8 @@ def evaluate(job: Job) -> dict[str, float]:
         targets = int((micro["labels"][:, 1:] != -100).sum())  # counted on the host batch
         batch = to_device(micro, engine.device)
         # num_items_in_batch=1: the summed cross-entropy of this micro-batch
-        loss_sum = engine(**model_inputs(batch), num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
+        one = torch.tensor(1.0, device=engine.device)
+        loss_sum = engine(**model_inputs(batch, attention_of(engine)), num_items_in_batch=one).loss
         if targets:
             total += loss_sum.double()
         count += targets
@@ -175,6 +181,7 @@ def train(job: Job, start_step: int) -> list[dict]:
                             gradient_accumulation_steps=derived.gradient_accumulation_steps, world_size=world,
                             rank=rank, seed=job.seed, pad_id=job.pad_id, start_step=start_step)
     per_rank_share = derived.gradient_accumulation_steps * world
+    attention = attention_of(engine)
     bar = tqdm(total=derived.max_steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True)
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
     engine.train()
@@ -197,8 +204,8 @@ def train(job: Job, start_step: int) -> list[dict]:
             for micro in step_batch.micro_batches:
                 local_tokens += int(micro["attention_mask"].sum())
                 batch = to_device(micro, engine.device)
-                loss, applied = micro_step(engine, {**model_inputs(batch), "num_items_in_batch": n_items}, job.bank,
-                                           job.merger)
+                inputs = {**model_inputs(batch, attention), "num_items_in_batch": n_items}
+                loss, applied = micro_step(engine, inputs, job.bank, job.merger)
                 local_loss += loss.double()
                 merges += applied
             # fp16: overflowing scaled gradients make the loss scaler skip the update and lower its scale (all

@@ -5,6 +5,7 @@ for smoke tests). Under ZeRO-3 the model is partitioned while it loads
 (``ds_aslora.runtime.base_model.load_base_model``)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import Any, Optional
@@ -107,6 +108,18 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {path!r} has no weights (*.safetensors or *.bin)")
 
 
+def check_attention(attn_implementation: str) -> None:
+    """Flash attention's needs, before the model loads (transformers finds them missing only then)."""
+    if not attn_implementation.startswith("flash_attention"):
+        return
+    package = "flash_attn_interface" if attn_implementation == "flash_attention_3" else "flash_attn"
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"attn_implementation {attn_implementation} needs the {package} package on every node "
+                         f"(pip install flash-attn), or use sdpa")
+    if not torch.cuda.is_available():
+        raise ValueError(f"attn_implementation {attn_implementation} needs CUDA GPUs; use sdpa")
+
+
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a resolved model path (or ``tiny``) with a pad token, without the weights:
     the data is prepared with it before the model loads."""
@@ -123,7 +136,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(model: str, tokenizer: Any, ds_config: dict, dtype: str, *, seed: int,
-               trust_remote_code: bool = False) -> tuple[nn.Module, Optional[Any]]:
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, Optional[Any]]:
     """``(model, keep_alive)``: a frozen causal LM (partitioned under ZeRO-3; hold ``keep_alive``
     for the run) that ``tokenizer`` belongs to. A folder is expected to have passed
     ``check_model_folder``."""
@@ -134,10 +147,12 @@ def load_model(model: str, tokenizer: Any, ds_config: dict, dtype: str, *, seed:
     if model == TINY:
         keep_alive = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
         torch.manual_seed(seed)  # every rank builds the same weights
-        base = AutoModelForCausalLM.from_config(tiny_config(len(byte_tokenizer())), dtype=torch_dtype)
+        base = AutoModelForCausalLM.from_config(tiny_config(len(byte_tokenizer())), dtype=torch_dtype,
+                                                attn_implementation=attn_implementation)
         base.requires_grad_(False)
     else:
-        base, keep_alive = load_base_model(model, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        base, keep_alive = load_base_model(model, ds_config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                           attn_implementation=attn_implementation)
     check_vocabulary(base, tokenizer, model)
     return base, keep_alive
 

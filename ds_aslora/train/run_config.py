@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 FORMATS = ("auto", "text", "alpaca", "chat", "prompt_completion")
 TRUNCATIONS = ("truncate", "refuse")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 SCHEDULERS = ("cosine", "linear", "constant")
 # DeepSpeed scheduler types whose shape the loop's schedule (lr_at) reproduces.
 DS_SCHEDULERS = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear", "WarmupLR": "constant"}
@@ -78,9 +79,13 @@ class ModelConfig:
     activation_checkpointing: bool = _help(
         "recompute activations in the backward (non-reentrant): far less memory for 13B-70B", True)
     trust_remote_code: bool = _help("allow model code shipped with the checkpoint (transformers' flag)", False)
+    attn_implementation: str = _help(
+        "sdpa | eager | flash_attention_2 | flash_attention_3 (transformers' attention kernels; flash needs the "
+        "flash-attn package and a GPU); packed micro-batches go to flash attention as one row", "sdpa")
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attn_implementation", self.attn_implementation, ATTENTIONS)
 
 
 @dataclass
