@@ -15,8 +15,8 @@ Sibling projections (q/k/v, gate/up read one input: their x @ A^T in one matmul,
 shared A) are on, as in the job; ``--no_sibling_reuse`` turns them off.
 Under ZeRO-3 our variants re-gather their persistent tensors after each step in one all-gather per
 dtype (ds_aslora.runtime.zero3_gather); ``--uncoalesced`` gives them DeepSpeed's one per tensor again.
-``--profile N`` then profiles one more step of each variant and prints the N operators that add most
-time over the floor: where a variant's extra time goes.
+``--profile N`` then profiles one more step of each variant and prints the N operators it calls more
+often than the floor that take most time: where a variant's extra time goes.
 """
 from __future__ import annotations
 
@@ -122,16 +122,19 @@ def profile_steps(jobs, ids):
 
 
 def print_added_ops(ops, top):
-    """Where a variant's time goes beyond the floor's: the operators it adds most self time to."""
+    """Where a variant's time goes beyond the floor's: the operators it calls more often than the floor
+    does, with the self time they add (one step's profile: the base's own operators, called as often in
+    every variant, are left out, as their time moves with the machine's noise, not with the variant)."""
     floor = ops.get(FROZEN, {})
     for variant, table in ops.items():
         if variant == FROZEN:
             continue
-        added = {k: (ms - floor.get(k, (0.0, 0))[0], n - floor.get(k, (0.0, 0))[1]) for k, (ms, n) in table.items()}
-        total = sum(ms for ms, _ in table.values()) - sum(ms for ms, _ in floor.values())
-        print(f"\n{variant}: {total:+.0f} ms self CPU over the floor (profiled step); top operators:")
+        added = {k: (ms - floor.get(k, (0.0, 0))[0], n - floor.get(k, (0, 0))[1]) for k, (ms, n) in table.items()}
+        added = {k: v for k, v in added.items() if v[1] > 0}
+        print(f"\n{variant}: {sum(n for _, n in added.values()):,} more operator calls than the floor, "
+              f"{sum(ms for ms, _ in added.values()):+.0f} ms self CPU in them; the top {top}:")
         for key, (ms, calls) in sorted(added.items(), key=lambda kv: -kv[1][0])[:top]:
-            print(f"  {key:<48}{ms:>+9.1f} ms{calls:>+7d} calls")
+            print(f"  {key[:60]:<62}{ms:>+8.1f} ms{calls:>+7d} calls")
 
 
 def main():
@@ -153,8 +156,8 @@ def main():
                         help="each adapter computes its own x @ A (ds_aslora.adapters.siblings off): today's cost")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after the timed rounds, profile one step of each variant and print the N operators "
-                             "that add most time over the floor")
+                        help="after the timed rounds, profile one step of each variant and print the N operators it "
+                             "adds (called more often than in the floor) that take most time")
     parser.add_argument("--local_rank", type=int, default=0)  # set by the deepspeed launcher
     args = parser.parse_args()
     deepspeed.init_distributed()
