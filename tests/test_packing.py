@@ -94,24 +94,34 @@ def test_flash_attention_gets_a_packed_micro_batch_as_one_row_without_padding():
     assert flat["labels"].tolist() == [[X, 6, 7, X, 9, X, 6]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert "attention_mask" not in flat and flat["use_cache"] is False
+    # the samples' boundaries from the host batch: no layer derives them from the position ids on the device
+    assert flat["cu_seq_lens_q"].tolist() == flat["cu_seq_lens_k"].tolist() == [0, 3, 5, 7]
+    assert flat["cu_seq_lens_q"].dtype == torch.int32 and flat["max_length_q"] == flat["max_length_k"] == 3
     one_row = collate({"input_ids": [[5, 6, 7]], "labels": [[X, 6, 7]], "sample_lengths": [[1, 2]]}, pad_id=0)
-    assert model_inputs(one_row, "flash_attention_2").keys() == model_inputs(one_row).keys()
-    assert model_inputs(one_row, "flash_attention_2")["input_ids"] is one_row["input_ids"]
+    flat = model_inputs(one_row, "flash_attention_2")
+    assert flat["input_ids"] is one_row["input_ids"]  # already one row without padding: not copied
+    assert flat["cu_seq_lens_q"].tolist() == [0, 1, 3] and flat["max_length_q"] == 2
     plain = collate({"input_ids": [[5, 6], [7]], "labels": [[X, 6], [X]]}, pad_id=0)  # unpacked: flash takes the mask
     assert model_inputs(plain, "flash_attention_2") == {**plain, "use_cache": False}
 
 
-def test_flash_attention_needs_its_package_and_a_gpu_before_the_model_loads(monkeypatch):
-    from ds_aslora.train import model_setup
+def test_flash_attention_needs_half_precision_a_gpu_and_its_package_before_the_model_loads(monkeypatch):
+    import transformers.utils
 
-    model_setup.check_attention("sdpa")
-    monkeypatch.setattr(model_setup.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="flash_attention_2 needs the flash_attn package"):
-        model_setup.check_attention("flash_attention_2")
-    monkeypatch.setattr(model_setup.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(model_setup.torch.cuda, "is_available", lambda: False)
+    from ds_aslora.train.model_setup import check_attention
+
+    check_attention("sdpa", "fp32")
+    with pytest.raises(ValueError, match="flash_attention_2 runs in bf16 or fp16, not dtype fp32"):
+        check_attention("flash_attention_2", "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="flash_attention_3 needs CUDA GPUs"):
-        model_setup.check_attention("flash_attention_3")
+        check_attention("flash_attention_3", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
+    with pytest.raises(ValueError, match=r"flash-attn-3 package .* \(pip install flash-attn-3\)"):
+        check_attention("flash_attention_3", "auto")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    check_attention("flash_attention_2", "bf16")
 
 
 def byte_tokenizer():

@@ -48,20 +48,30 @@ def collate(rows: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[st
 
 
 def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> dict[str, Any]:
-    """What the model's forward takes: packed batches go without their attention mask, so that
+    """What the model's forward takes, from a host batch: packed batches go without their attention mask, so that
     transformers builds the per-sample (block-diagonal) causal mask from the position ids. No KV
     cache: with one, transformers skips that mask (and a training forward never needs it).
 
     Flash attention reads position ids as packed samples only in a batch of one row, so a packed
     micro-batch of several rows goes to it as one row of their tokens, padding dropped. The loss is
-    the same: each sample's first label is -100, so no token learns to predict the next row's."""
+    the same: each sample's first label is -100, so no token learns to predict the next row's. It
+    also gets the samples' boundaries (``cu_seq_lens_*``, ``max_length_*``), computed here on the
+    host batch: transformers would otherwise derive them from the position ids in every layer,
+    each time waiting for the device."""
     if "position_ids" not in batch:
         return {**batch, "use_cache": False}
     inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
-    if attn_implementation.startswith("flash_attention") and batch["input_ids"].shape[0] > 1:
+    if not attn_implementation.startswith("flash_attention"):
+        return {**inputs, "use_cache": False}
+    if batch["input_ids"].shape[0] > 1:
         real = batch["attention_mask"].bool()
         inputs = {k: v[real].unsqueeze(0) for k, v in inputs.items()}
-    return {**inputs, "use_cache": False}
+    positions = inputs["position_ids"][0]
+    starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([positions.numel()])])
+    boundaries = starts.to(torch.int32)
+    longest = int((starts[1:] - starts[:-1]).max())
+    return {**inputs, "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries, "max_length_q": longest,
+            "max_length_k": longest, "use_cache": False}
 
 
 def _batch_columns(dataset: datasets.Dataset) -> list[str]:

@@ -386,7 +386,7 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     # Every rank reads its own copy (node-local folders may differ): all ranks stop together.
     error, config = None, None
     try:
-        check_attention(run.model.attn_implementation)
+        check_attention(run.model.attn_implementation, run.model.dtype)
         if model_path != TINY:
             check_model_folder(model_path)
         config = base_config(model_path, run.model.trust_remote_code)

@@ -68,13 +68,13 @@ def _all_reduce_sum(on_device: list[torch.Tensor], on_host: list[float], device:
     return tensor.tolist()
 
 
-def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
-    """A host batch on the accelerator without waiting for it: a copy from pageable memory blocks
-    the host until the device has finished its queue (the last micro-step's backward); from pinned
-    memory it is queued like a kernel."""
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A host batch's tensors on the accelerator without waiting for it (other values as they are):
+    a copy from pageable memory blocks the host until the device has finished its queue (the last
+    micro-step's backward); from pinned memory it is queued like a kernel."""
     if torch.device(device).type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def peak_memory_gib() -> float:
@@ -116,10 +116,9 @@ def evaluate(job: Job) -> dict[str, float]:
                             rank=rank, pad_id=job.pad_id, max_batches=job.eval_batches):
         micro = step.micro_batches[0]
         targets = int((micro["labels"][:, 1:] != -100).sum())  # counted on the host batch
-        batch = to_device(micro, engine.device)
+        batch = to_device(model_inputs(micro, attention_of(engine)), engine.device)
         # num_items_in_batch=1: the summed cross-entropy of this micro-batch
-        one = torch.tensor(1.0, device=engine.device)
-        loss_sum = engine(**model_inputs(batch, attention_of(engine)), num_items_in_batch=one).loss
+        loss_sum = engine(**batch, num_items_in_batch=torch.tensor(1.0, device=engine.device)).loss
         if targets:
             total += loss_sum.double()
         count += targets
@@ -203,9 +202,8 @@ def train(job: Job, start_step: int) -> list[dict]:
             local_tokens, merges = 0, []
             for micro in step_batch.micro_batches:
                 local_tokens += int(micro["attention_mask"].sum())
-                batch = to_device(micro, engine.device)
-                inputs = {**model_inputs(batch, attention), "num_items_in_batch": n_items}
-                loss, applied = micro_step(engine, inputs, job.bank, job.merger)
+                batch = to_device(model_inputs(micro, attention), engine.device)
+                loss, applied = micro_step(engine, {**batch, "num_items_in_batch": n_items}, job.bank, job.merger)
                 local_loss += loss.double()
                 merges += applied
             # fp16: overflowing scaled gradients make the loss scaler skip the update and lower its scale (all

@@ -5,7 +5,6 @@ for smoke tests). Under ZeRO-3 the model is partitioned while it loads
 (``ds_aslora.runtime.base_model.load_base_model``)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Any, Optional
@@ -108,16 +107,26 @@ def check_model_folder(path: str) -> None:
         raise FileNotFoundError(f"model folder {path!r} has no weights (*.safetensors or *.bin)")
 
 
-def check_attention(attn_implementation: str) -> None:
-    """Flash attention's needs, before the model loads (transformers finds them missing only then)."""
-    if not attn_implementation.startswith("flash_attention"):
+# attn_implementation -> (transformers' availability check, the pip distribution that provides it)
+FLASH_ATTENTION = {"flash_attention_2": ("is_flash_attn_2_available", "flash-attn"),
+                   "flash_attention_3": ("is_flash_attn_3_available", "flash-attn-3")}
+
+
+def check_attention(attn_implementation: str, dtype: str) -> None:
+    """Flash attention's needs, before the model loads: transformers finds a missing kernel only
+    then, and an fp32 model only at the first forward (after a 70B load)."""
+    import transformers.utils
+
+    if attn_implementation not in FLASH_ATTENTION:
         return
-    package = "flash_attn_interface" if attn_implementation == "flash_attention_3" else "flash_attn"
-    if importlib.util.find_spec(package) is None:
-        raise ValueError(f"attn_implementation {attn_implementation} needs the {package} package on every node "
-                         f"(pip install flash-attn), or use sdpa")
+    check, distribution = FLASH_ATTENTION[attn_implementation]
+    if dtype == "fp32":
+        raise ValueError(f"attn_implementation {attn_implementation} runs in bf16 or fp16, not dtype fp32")
     if not torch.cuda.is_available():
         raise ValueError(f"attn_implementation {attn_implementation} needs CUDA GPUs; use sdpa")
+    if not getattr(transformers.utils, check)():
+        raise ValueError(f"attn_implementation {attn_implementation} needs a version of the {distribution} package "
+                         f"that transformers supports on every node (pip install {distribution}), or use sdpa")
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:

@@ -4,7 +4,8 @@ A sample is never split: blocks are filled by best-fit decreasing over the sampl
 (a sample longer than the block was already cut or refused by tokenisation's truncation
 policy). Each block records its samples' lengths (``sample_lengths``), so the collator restarts
 position ids at every sample and transformers builds a block-diagonal causal mask from them
-(SDPA, eager and flash-attention alike): a sample attends to itself only, and its per-token
+(SDPA and eager at any batch size; flash attention gets each micro-batch as one row, see
+``batches.model_inputs``): a sample attends to itself only, and its per-token
 losses are those it has unpacked. A sample's first label is already -100 (nothing of it
 precedes it), so no token learns to predict one sample from another.
 

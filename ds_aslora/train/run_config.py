@@ -80,8 +80,9 @@ class ModelConfig:
         "recompute activations in the backward (non-reentrant): far less memory for 13B-70B", True)
     trust_remote_code: bool = _help("allow model code shipped with the checkpoint (transformers' flag)", False)
     attn_implementation: str = _help(
-        "sdpa | eager | flash_attention_2 | flash_attention_3 (transformers' attention kernels; flash needs the "
-        "flash-attn package and a GPU); packed micro-batches go to flash attention as one row", "sdpa")
+        "sdpa | eager | flash_attention_2 | flash_attention_3 (transformers' attention kernels; flash needs GPUs, "
+        "bf16/fp16 and the flash-attn or flash-attn-3 package); packed micro-batches go to flash attention as one "
+        "row", "sdpa")
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
