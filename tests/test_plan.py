@@ -239,3 +239,19 @@ def test_gradient_buckets_are_sized_from_the_trainable_count_and_counted():
     fixed = memory_plan(model, TrainSetup(zero_stage=2, reduce_bucket_size=500_000_000))
     assert fixed.row("zero_buckets").gpu == 2 * 500_000_000 * 2  # the old zero2.json: 2 GB per GPU
     assert s2.peak_gpu(True) - fixed.peak_gpu(True) == s2.row("zero_buckets").gpu - 2_000_000_000
+
+
+def test_flash_attention_is_planned_as_the_fused_kernels_save(capsys):
+    """flash_attention_2/3 (the job's --attn_implementation values) keep what SDPA's fused kernels
+    keep: q, k, v unrepeated, the output and an fp32 log-sum-exp; eager keeps the s x s probabilities."""
+    from ds_aslora.planning.cli import main
+
+    model = build_on_meta(os.path.join(CONFIGS, "llama2-13b.json"), AdapterConfig(method="aslora", r=16))
+    sizes = {attention: activation_bytes(model, dtype_bytes=2, micro_batch=1, seq_len=4096, attention=attention).saved
+             for attention in ("sdpa", "eager", "flash_attention_2", "flash_attention_3")}
+    assert sizes["flash_attention_2"] == sizes["flash_attention_3"] == sizes["sdpa"] < sizes["eager"]
+    main(["--model-config", os.path.join(CONFIGS, "llama2-13b.json"), "--method", "aslora",
+          "--attn_implementation", "flash_attention_2"])
+    assert "flash_attention_2 attention" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="attention must be one of"):
+        activation_bytes(model, dtype_bytes=2, micro_batch=1, seq_len=8, attention="flash")

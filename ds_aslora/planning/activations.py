@@ -8,7 +8,8 @@ from torch import nn
 
 from ..adapters.inject import adapter_config, adapter_layers, layer_index, module_type
 
-ATTENTIONS = ("sdpa", "eager")
+# transformers' attn_implementation values; flash kernels save what SDPA's fused kernels save.
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoder layers whose saved tensors activation_bytes knows
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -98,7 +99,7 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
             lora(m, h, g, qkv_projected)
     att_rg = g or any(map(has, QKV))
     if att_rg:
-        if attention == "sdpa":  # q, k, v, output and fp32 log-sum-exp (GQA in the kernel)
+        if attention != "eager":  # SDPA/flash: q, k, v, output and fp32 log-sum-exp (GQA in the kernel)
             tok += d * (2 * qd + 2 * kvd) + 4 * a
         else:  # q, k and v repeated to every head, fp32 and working-dtype probabilities
             tok += 3 * d * qd + (4 + d) * a * seq_len
@@ -133,7 +134,8 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     decoder layer, counted one by one for this model's adapters (tests/test_plan.py checks the
     count against saved-tensor hooks on a small model, to the byte). Per token and layer, with
     d bytes per element: RMSNorm fp32 inputs 2 x (4h + 4); SDPA q, k, v, output and log-sum-exp
-    d(2h + 2h_kv) + 4a (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
+    d(2h + 2h_kv) + 4a, the same for flash attention 2/3, whose kernels save the same tensors (counted, not
+    hook-checked: that needs a GPU with flash-attn) (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
     adapter's r-dim intermediate d·r (once for siblings sharing one A: q/k/v, gate/up project
     together without dropout); the normed input d·h for q/k/v and for gate/up adapters;
     down's input d·f if adapted; with dropout a dropped copy and mask per adapter

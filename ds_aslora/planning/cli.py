@@ -20,6 +20,7 @@ from ..adapters.config import AdapterConfig
 from ..adapters.count import build_on_meta
 from ..adapters.inject import adapter_layers
 from ..merging.schedule import model_schedule, owners_by_type, param_counts
+from .activations import ATTENTIONS
 from .inventory import DEEPSPEED_PERSISTENCE_THRESHOLD
 from .memory import (
     MemoryPlan,
@@ -89,8 +90,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "ds-aslora-plan
                         "the trainable elements DeepSpeed holds")
     t.add_argument("--shared_mode", default="replicated", choices=["replicated", "engine"],
                    help="shared tensors replicated beside the engine (default) or registered in it")
-    t.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
-                   help="attention implementation, for the activation estimate")
+    t.add_argument("--attention", "--attn_implementation", default="sdpa", choices=ATTENTIONS,
+                   help="attention implementation (the job's --attn_implementation), for the activation estimate")
     p.add_argument("--bytes", action="store_true", help="print exact bytes instead of GiB")
     return p.parse_args(argv)
 

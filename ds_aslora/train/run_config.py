@@ -24,13 +24,13 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import yaml
 
 from ..adapters.config import AdapterConfig
+from ..planning.activations import ATTENTIONS
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 FORMATS = ("auto", "text", "alpaca", "chat", "prompt_completion")
 TRUNCATIONS = ("truncate", "refuse")
-ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 SCHEDULERS = ("cosine", "linear", "constant")
 # DeepSpeed scheduler types whose shape the loop's schedule (lr_at) reproduces.
 DS_SCHEDULERS = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear", "WarmupLR": "constant"}
