@@ -6,10 +6,11 @@ N synthetic chats (``--pairs`` user/assistant pairs: user ~60 words, assistant ~
 file. Per round, alternated: the floor (the same rows rendered with ``apply_chat_template`` and
 encoded as one batch by the same tokenizer, in one process, the file already in memory), then the
 job's ``prepare_data`` (reading the file, masks, caching) with 1 and with 2 worker processes,
-each in a fresh process with an empty cache. Then packing (blocks of 2048) and the peak RSS of a
-one-worker preparation at N and 4N rows. Prints rows/s and tokens/s, median and min-max over the
-rounds. The tokenizer is SmolLM2's when the demo's packages are installed, else a byte-level one
-with a ChatML template (said in the output).
+each in a fresh process with an empty cache; the same two with the tokenizer on one thread per
+worker (a fast tokenizer otherwise encodes a batch on every core, so one worker already uses them).
+Then packing (blocks of 2048) and the peak RSS of a one-worker preparation at N and 4N rows.
+Prints rows/s and tokens/s, median and min-max over the rounds. The tokenizer is SmolLM2's when
+the demo's packages are installed, else a byte-level one with a ChatML template (said in the output).
 """
 from __future__ import annotations
 
@@ -132,9 +133,11 @@ def prepare(path: str, workers: int, pack_too: bool = False) -> dict:
     return out
 
 
-def in_fresh_process(what: str, path: str, workers: int = 1) -> dict:
-    """One measurement per process: the peak RSS is its own and no cache is warm."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def in_fresh_process(what: str, path: str, workers: int = 1, serial_tokenizer: bool = False) -> dict:
+    """One measurement per process: the peak RSS is its own and no cache is warm. ``serial_tokenizer``:
+    the fast tokenizer encodes a batch on one thread (TOKENIZERS_PARALLELISM=false), so each worker
+    uses one core and the workers' own scaling shows."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"TOKENIZERS_PARALLELISM": "false"} if serial_tokenizer else {})}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", what, path, str(workers)],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode:
@@ -163,19 +166,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         small, large = os.path.join(work, "chats.jsonl"), os.path.join(work, "chats4x.jsonl")
         write_chats(small, args.rows, args.pairs)
-        runs: dict[str, list[dict]] = {"floor": [], "1 worker": [], "2 workers": []}
+        variants = {"floor": ("floor", 1, False), "1 worker": ("prepare", 1, False),
+                    "2 workers": ("prepare", 2, False), "1 worker, serial tok.": ("prepare", 1, True),
+                    "2 workers, serial tok.": ("prepare", 2, True)}
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            runs["floor"].append(in_fresh_process("floor", small))
-            runs["1 worker"].append(in_fresh_process("prepare", small, 1))
-            runs["2 workers"].append(in_fresh_process("prepare", small, 2))
-        print(f"\n{'':12} {'rows/s, median (min-max)':>28} {'tokens/s, median':>18}")
+            for name, (what, workers, serial) in variants.items():
+                runs[name].append(in_fresh_process(what, small, workers, serial))
+        print(f"\n{'':22} {'rows/s, median (min-max)':>28} {'tokens/s, median':>18}")
         for variant, results in runs.items():
             rows_s = [r["rows"] / r["seconds"] for r in results]
             tokens_s = [r["tokens"] / r["seconds"] for r in results]
-            print(f"{variant:12} {spread(rows_s):>28} {statistics.median(tokens_s):>18,.0f}")
+            print(f"{variant:22} {spread(rows_s):>28} {statistics.median(tokens_s):>18,.0f}")
         rate = {v: statistics.median(r["rows"] / r["seconds"] for r in results) for v, results in runs.items()}
         print(f"\n1 worker / floor: {rate['1 worker'] / rate['floor']:.2f}x (target >= 0.5x); "
               f"2 workers / 1 worker: {rate['2 workers'] / rate['1 worker']:.2f}x (target >= 1.6x)")
+        print(f"with a serial tokenizer (one core per worker): 2 workers / 1 worker: "
+              f"{rate['2 workers, serial tok.'] / rate['1 worker, serial tok.']:.2f}x on {os.cpu_count()} CPUs")
         packing = [r["rows"] / r["pack_seconds"] for r in runs["1 worker"]]
         print(f"packing into 2048-token blocks: {spread(packing)} rows/s "
               f"({runs['1 worker'][0]['blocks']:,} blocks from {runs['1 worker'][0]['rows']:,} rows)")
