@@ -13,7 +13,7 @@ import torch
 
 from ds_aslora import AdapterConfig, inject_adapters
 from ds_aslora.adapters.count import build_on_meta
-from ds_aslora.adapters.inject import find_bank
+from ds_aslora.adapters.inject import find_bank, link_siblings
 from ds_aslora.planning.activations import activation_bytes
 from ds_aslora.planning.inventory import inventory, zero3_resident_adapter_bytes, zero3_resident_adapter_numel
 from ds_aslora.planning.memory import (
@@ -165,6 +165,8 @@ def _saved_bytes(model, ids):
     ("sdpa", dict(method="sharelora", share="B")),
     ("sdpa", dict(method="aslora", dropout=0.1, target_modules=["o_proj", "up_proj"])),
     ("eager", dict(method="lora")),
+    ("sdpa", dict(method="aslora", a_scope="in_dim", siblings=False)),  # ZeRO-3: each layer projects alone
+    ("sdpa", dict(method="sharelora", share="A", scope="qkv", siblings=False)),
 ])
 def test_activation_formula_matches_saved_tensors_exactly(attention, cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -173,7 +175,10 @@ def test_activation_formula_matches_saved_tensors_exactly(attention, cfg):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          attn_implementation=attention)
     torch.manual_seed(0)
+    cfg = dict(cfg)
+    siblings = cfg.pop("siblings", True)
     model = inject_adapters(LlamaForCausalLM(config).to(torch.bfloat16), AdapterConfig(r=4, **cfg)).train()
+    link_siblings(model, enabled=siblings)
     bank = {id(p) for p in find_bank(model).parameters()}
     for p in model.parameters():  # as under DeepSpeed: engine tensors in bf16, the replicated bank in fp32
         if p.requires_grad and id(p) not in bank:
@@ -182,7 +187,7 @@ def test_activation_formula_matches_saved_tensors_exactly(attention, cfg):
         ids = torch.randint(0, 96, (b, s), generator=torch.Generator().manual_seed(b))
         # PyTorch's CPU dropout keeps its mask in the input dtype (CUDA: bool)
         est = activation_bytes(model, dtype_bytes=2, micro_batch=b, seq_len=s, attention=attention,
-                               dropout_mask_bytes=2)
+                               dropout_mask_bytes=2, siblings=siblings)
         assert est.formula == "llama" and est.saved == _saved_bytes(model, ids)
         assert est.checkpointing < est.no_checkpointing
 

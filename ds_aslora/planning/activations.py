@@ -64,7 +64,7 @@ def _layer_dims(config) -> tuple[int, int, int, int, int, int]:
 
 
 def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, dropout: bool, mask: int,
-                 attention: str, tokens: int, seq_len: int) -> tuple[int, bool]:
+                 attention: str, tokens: int, seq_len: int, siblings: bool) -> tuple[int, bool]:
     """Bytes one HF Llama/Mistral/Qwen2 decoder layer saves for backward; and whether its rotary
     embedding is saved. The base is frozen, so a tensor is saved only where some gradient needs
     it: nothing upstream of the first adapter of layer 0 requires grad (embeddings are frozen)."""
@@ -93,7 +93,8 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
         tok += 4 * h + 4  # RMSNorm: fp32 input and rsqrt
     if any(map(has, QKV)) and not dropout:
         tok += d * h  # normed input, shared by the q/k/v adapters
-    qkv_projected = None if dropout else set()  # siblings project together (adapters/siblings.py)
+    together = siblings and not dropout  # siblings project together (adapters/siblings.py)
+    qkv_projected = set() if together else None
     for m in QKV:
         if has(m):
             lora(m, h, g, qkv_projected)
@@ -114,7 +115,7 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
         tok += d * h
     gate_rg, up_rg = mid_rg or has("gate_proj"), mid_rg or has("up_proj")
     tok += d * f * (2 * gate_rg + up_rg)  # silu input, and the product's two factors
-    mlp_projected = None if dropout else set()
+    mlp_projected = set() if together else None
     for m in ("gate_proj", "up_proj"):
         if has(m):
             lora(m, h, mid_rg, mlp_projected)
@@ -127,7 +128,7 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
 
 def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, seq_len: int,
                      attention: str = "sdpa", shared_mode: str = "replicated",
-                     dropout_mask_bytes: int = 1) -> ActivationEstimate:
+                     dropout_mask_bytes: int = 1, siblings: bool = True) -> ActivationEstimate:
     """Activation memory of one micro-batch, with and without non-reentrant checkpointing.
 
     Llama, Mistral and Qwen2 (``formula="llama"``): the tensors autograd saves in transformers'
@@ -137,7 +138,7 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     d(2h + 2h_kv) + 4a, the same for flash attention 2/3, whose kernels save the same tensors (counted, not
     hook-checked: that needs a GPU with flash-attn) (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
     adapter's r-dim intermediate d·r (once for siblings sharing one A: q/k/v, gate/up project
-    together without dropout); the normed input d·h for q/k/v and for gate/up adapters;
+    together without dropout, unless ``siblings`` is False, as under ZeRO-3); the normed input d·h for q/k/v and for gate/up adapters;
     down's input d·f if adapted; with dropout a dropped copy and mask per adapter
     (``dropout_mask_bytes``: 1 on CUDA, whose fused dropout keeps a bool mask; d on CPU). The
     rotary cos/sin, 2·d·head_dim per position, are kept once. A bank tensor
@@ -175,7 +176,7 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     per_layer, rotary_saved = [], False
     for i, adapted in enumerate(layers):
         saved, rope = _llama_layer(i == 0, adapted, config, d=d, dropout=cfg.dropout > 0, mask=dropout_mask_bytes,
-                                   attention=attention, tokens=tokens, seq_len=seq_len)
+                                   attention=attention, tokens=tokens, seq_len=seq_len, siblings=siblings)
         per_layer.append(saved)
         rotary_saved |= rope
     head_dim = _layer_dims(config)[5]

@@ -240,7 +240,8 @@ def memory_plan(model: nn.Module, setup: TrainSetup) -> MemoryPlan:
                     f"largest module: {inv.largest_module_params:,} params" if gather else "ZeRO-3 only"))
     rows.append(_bucket_row(model, inv, setup))
     act = activation_bytes(model, dtype_bytes=d, micro_batch=setup.micro_batch, seq_len=setup.seq_len,
-                           attention=setup.attention, shared_mode=setup.shared_mode)
+                           attention=setup.attention, shared_mode=setup.shared_mode,
+                           siblings=setup.zero_stage != 3)  # runtime.engine: no sibling reuse under ZeRO-3
     rows.append(Row("activations", "activations, no checkpointing (est.)", act.no_checkpointing, 0,
                     f"{act.formula} formula"))
     rows.append(Row("activations_ckpt", "activations, checkpointing (est.)", act.checkpointing, 0,
