@@ -270,18 +270,30 @@ class PreparedData:
         return self.digest
 
 
-def content_digest(dataset: datasets.Dataset, batch_size: int = 65_536) -> str:
-    """A hash of every row's values, column by column (list columns: lengths and values), read in
-    batches: the same rows give the same digest wherever and whenever they were tokenised."""
+def content_digest(dataset: datasets.Dataset, window: int = 65_536, chunk: int = 4_096) -> str:
+    """A hash of every row's values: per window of rows, column by column (list columns: the
+    window's lengths, then its values): the same rows give the same digest wherever and whenever
+    they were tokenised. Read ``chunk`` rows at a time and hashed from Arrow's buffers, so memory
+    stays at a chunk whatever the rows' length (a window of long rows is gigabytes). ``window`` is part
+    of the digest's definition (caches and checkpoints keep digests): keep it."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(sorted(dataset.column_names)).encode())
-    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
-        for name in sorted(batch.column_names):
-            column = batch.column(name).combine_chunks()
-            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                h.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
-                column = pc.list_flatten(column)
-            h.update(np.asarray(column).tobytes())
+    columns = []
+    for name in sorted(dataset.column_names):
+        kind = dataset.data.schema.field(name).type
+        columns.append((dataset.select_columns([name]).with_format("arrow"),
+                        pa.types.is_list(kind) or pa.types.is_large_list(kind)))
+    n = len(dataset)
+    for start in range(0, n, window):
+        parts = [(a, min(a + chunk, start + window, n)) for a in range(start, min(start + window, n), chunk)]
+        for rows, is_list in columns:
+            if is_list:  # the window's lengths first
+                for a, b in parts:
+                    h.update(np.asarray(pc.list_value_length(rows[a:b].column(0)).combine_chunks(), dtype=np.int64))
+            for a, b in parts:
+                values = rows[a:b].column(0)
+                for piece in (pc.list_flatten(values) if is_list else values).chunks:
+                    h.update(np.ascontiguousarray(piece))
     return h.hexdigest()
 
 
