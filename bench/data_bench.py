@@ -1,6 +1,6 @@
 """Data preparation throughput and memory: the job's path against the tokenizer's own floor.
 
-    python bench/data_bench.py [--rows 20000] [--pairs 4] [--rounds 2]
+    python bench/data_bench.py [--rows 20000] [--pairs 4] [--rounds 2] [--memory_only]
 
 N synthetic chats (``--pairs`` user/assistant pairs: user ~60 words, assistant ~120) in a JSONL
 file. Per round, alternated: the floor (the same rows rendered with ``apply_chat_template`` and
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--pairs", type=int, default=4, help="user/assistant pairs per chat")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--memory_only", action="store_true",
+                        help="only the peak memory at N and 4N rows (not timing-sensitive: may run beside other work)")
     parser.add_argument("--measure", nargs=3, metavar=("WHAT", "PATH", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:  # the child of in_fresh_process
@@ -166,33 +168,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         small, large = os.path.join(work, "chats.jsonl"), os.path.join(work, "chats4x.jsonl")
         write_chats(small, args.rows, args.pairs)
-        variants = {"floor": ("floor", 1, False), "1 worker": ("prepare", 1, False),
-                    "2 workers": ("prepare", 2, False), "1 worker, serial tok.": ("prepare", 1, True),
-                    "2 workers, serial tok.": ("prepare", 2, True)}
-        runs: dict[str, list[dict]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, (what, workers, serial) in variants.items():
-                runs[name].append(in_fresh_process(what, small, workers, serial))
-        print(f"\n{'':22} {'rows/s, median (min-max)':>28} {'tokens/s, median':>18}")
-        for variant, results in runs.items():
-            rows_s = [r["rows"] / r["seconds"] for r in results]
-            tokens_s = [r["tokens"] / r["seconds"] for r in results]
-            print(f"{variant:22} {spread(rows_s):>28} {statistics.median(tokens_s):>18,.0f}")
-        rate = {v: statistics.median(r["rows"] / r["seconds"] for r in results) for v, results in runs.items()}
-        print(f"\n1 worker / floor: {rate['1 worker'] / rate['floor']:.2f}x (target >= 0.5x); "
-              f"2 workers / 1 worker: {rate['2 workers'] / rate['1 worker']:.2f}x (target >= 1.6x)")
-        print(f"with a serial tokenizer (one core per worker): 2 workers / 1 worker: "
-              f"{rate['2 workers, serial tok.'] / rate['1 worker, serial tok.']:.2f}x on {os.cpu_count()} CPUs")
-        packing = [r["rows"] / r["pack_seconds"] for r in runs["1 worker"]]
-        print(f"packing into 2048-token blocks: {spread(packing)} rows/s "
-              f"({runs['1 worker'][0]['blocks']:,} blocks from {runs['1 worker'][0]['rows']:,} rows)")
+        small_run = None if args.memory_only else throughput(small, args.rounds)
         write_chats(large, 4 * args.rows, args.pairs, seed=1)
-        small_run, large_run = runs["1 worker"][-1], in_fresh_process("prepare", large, 1)
-        for key, what in (("peak_anon_mib", "anonymous memory (heap)"), ("peak_rss_mib", "RSS (with mapped files)")):
-            print(f"peak {what} of a one-worker preparation: {small_run[key]:,.0f} MiB at {args.rows:,} rows, "
-                  f"{large_run[key]:,.0f} MiB at {4 * args.rows:,} rows: {large_run[key] / small_run[key]:.2f}x "
-                  "(target <= 1.3x)")
+        memory(small_run or in_fresh_process("prepare", small, 1), in_fresh_process("prepare", large, 1), args.rows)
 
+
+def throughput(path: str, rounds: int) -> dict:
+    """Rows/s of every variant and the packing rate; returns a one-worker run (for ``memory``)."""
+    variants = {"floor": ("floor", 1, False), "1 worker": ("prepare", 1, False),
+                "2 workers": ("prepare", 2, False), "1 worker, serial tok.": ("prepare", 1, True),
+                "2 workers, serial tok.": ("prepare", 2, True)}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (what, workers, serial) in variants.items():
+            runs[name].append(in_fresh_process(what, path, workers, serial))
+    print(f"\n{'':22} {'rows/s, median (min-max)':>28} {'tokens/s, median':>18}")
+    for variant, results in runs.items():
+        rows_s = [r["rows"] / r["seconds"] for r in results]
+        tokens_s = [r["tokens"] / r["seconds"] for r in results]
+        print(f"{variant:22} {spread(rows_s):>28} {statistics.median(tokens_s):>18,.0f}")
+    rate = {v: statistics.median(r["rows"] / r["seconds"] for r in results) for v, results in runs.items()}
+    print(f"\n1 worker / floor: {rate['1 worker'] / rate['floor']:.2f}x (target >= 0.5x); "
+          f"2 workers / 1 worker: {rate['2 workers'] / rate['1 worker']:.2f}x (target >= 1.6x)")
+    print(f"with a serial tokenizer (one core per worker): 2 workers / 1 worker: "
+          f"{rate['2 workers, serial tok.'] / rate['1 worker, serial tok.']:.2f}x on {os.cpu_count()} CPUs")
+    packing = [r["rows"] / r["pack_seconds"] for r in runs["1 worker"]]
+    print(f"packing into 2048-token blocks: {spread(packing)} rows/s "
+          f"({runs['1 worker'][0]['blocks']:,} blocks from {runs['1 worker'][0]['rows']:,} rows)")
+    return runs["1 worker"][-1]
+
+
+def memory(small_run: dict, large_run: dict, rows: int) -> None:
+    for key, what in (("peak_anon_mib", "anonymous memory (heap)"), ("peak_rss_mib", "RSS (with mapped files)")):
+        print(f"peak {what} of a one-worker preparation: {small_run[key]:,.0f} MiB at {rows:,} rows, "
+              f"{large_run[key]:,.0f} MiB at {4 * rows:,} rows: {large_run[key] / small_run[key]:.2f}x "
+              "(target <= 1.3x)")
 
 if __name__ == "__main__":
     main()

@@ -135,15 +135,15 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     decoder layer, counted one by one for this model's adapters (tests/test_plan.py checks the
     count against saved-tensor hooks on a small model, to the byte). Per token and layer, with
     d bytes per element: RMSNorm fp32 inputs 2 x (4h + 4); SDPA q, k, v, output and log-sum-exp
-    d(2h + 2h_kv) + 4a, the same for flash attention 2/3, whose kernels save the same tensors (counted, not
-    hook-checked: that needs a GPU with flash-attn) (eager: 3dh + (4 + d)·a·s, the s x s probabilities); MLP d·3f; an
-    adapter's r-dim intermediate d·r (once for siblings sharing one A: q/k/v, gate/up project
-    together without dropout, unless ``siblings`` is False, as under ZeRO-3); the normed input d·h for q/k/v and for gate/up adapters;
-    down's input d·f if adapted; with dropout a dropped copy and mask per adapter
-    (``dropout_mask_bytes``: 1 on CUDA, whose fused dropout keeps a bool mask; d on CPU). The
-    rotary cos/sin, 2·d·head_dim per position, are kept once. A bank tensor
-    kept in fp32 while the layers run in 16 bit is cast at every use and autograd keeps each
-    copy: d·r·(d_in or d_out) per adapted module, independent of tokens (once for siblings
+    d(2h + 2h_kv) + 4a, the same for flash attention 2/3, whose kernels save the same tensors
+    (counted, not hook-checked: that needs a GPU with flash-attn) (eager: 3dh + (4 + d)·a·s, the
+    s x s probabilities); MLP d·3f; an adapter's r-dim intermediate d·r (once for siblings sharing
+    one A: q/k/v, gate/up project together without dropout, unless ``siblings`` is False, as under
+    ZeRO-3); the normed input d·h for q/k/v and for gate/up adapters; down's input d·f if adapted;
+    with dropout a dropped copy and mask per adapter (``dropout_mask_bytes``: 1 on CUDA, whose fused
+    dropout keeps a bool mask; d on CPU). The rotary cos/sin, 2·d·head_dim per position, are kept
+    once. A bank tensor kept in fp32 while the layers run in 16 bit is cast at every use and autograd
+    keeps each copy: d·r·(d_in or d_out) per adapted module, independent of tokens (once for siblings
     sharing the A). The head keeps the final
     norm's fp32 input and fp32 log-probs (4V per token); while the loss runs, the logits and
     their fp32 copy, (d + 4)·V per token, are also live. With checkpointing (one segment per
