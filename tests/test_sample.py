@@ -6,7 +6,7 @@ from conftest import tiny_model
 from test_render import TOKENIZERS
 
 from ds_aslora import AdapterConfig, inject_adapters
-from ds_aslora.train.loop import generate
+from ds_aslora.train.loop import SAMPLE_REPETITION_PENALTY, generate
 from ds_aslora.train.model_setup import byte_tokenizer
 from ds_aslora.train.render import Renderer
 
@@ -44,13 +44,18 @@ class FakeEngine:
 
 
 def test_cached_greedy_generation_equals_the_uncached_loop():
+    """Greedy with CTRL's repetition penalty: a seen token's logit divided by it (multiplied when negative)."""
     tok = byte_tokenizer()
     model = inject_adapters(tiny_model(vocab_size=259), AdapterConfig(method="aslora", target_modules=["q_proj"]))
     prompt = Renderer(tok, "text", train_on_prompt=False).prompt("ROMEO:\n")
     ids = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(20):
-            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = model(ids, use_cache=False).logits[0, -1]
+            seen = ids[0].unique()
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / SAMPLE_REPETITION_PENALTY,
+                                       logits[seen] * SAMPLE_REPETITION_PENALTY)
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
             if int(ids[0, -1]) == tok.eos_token_id:
                 break
     assert generate(FakeEngine(model), tok, prompt, max_new_tokens=20) == tok.decode(ids[0], skip_special_tokens=True)

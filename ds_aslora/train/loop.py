@@ -150,14 +150,19 @@ def _discovering_external_parameters(engine: Any) -> Iterator[None]:
                 module._parameters._in_forward = False
 
 
+SAMPLE_REPETITION_PENALTY = 1.2  # CTRL's value (Keskar et al. 2019): a small model's plain greedy text loops
+
+
 def generate(engine: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 48) -> str:
-    """Greedy continuation with the KV cache, run by every rank alike: under ZeRO-3 the forwards are
-    collective, so ranks that finish early keep stepping until all have (``synced_gpus``)."""
+    """Greedy continuation with the KV cache and a repetition penalty (deterministic, the same on every
+    rank), run by every rank alike: under ZeRO-3 the forwards are collective, so ranks that finish
+    early keep stepping until all have (``synced_gpus``)."""
     engine.eval()
     ids = torch.tensor([prompt_ids], device=engine.device)
     with torch.no_grad(), _discovering_external_parameters(engine):
         out = engine.module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     do_sample=False, repetition_penalty=SAMPLE_REPETITION_PENALTY,
+                                     pad_token_id=tokenizer.pad_token_id,
                                      synced_gpus=engine.zero_optimization_stage() == 3 and rank_and_world()[1] > 1)
     engine.train()
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -202,8 +202,9 @@ class LoggingConfig:
     run_name: Optional[str] = _help("TensorBoard run name; unset: the last part of output_dir")
     log_interval: int = _help("log loss, lr, grad norm and throughput every this many optimizer steps", 10)
     sample_prompt: Optional[str] = _help(
-        "at the end, a greedy continuation of this prompt (rendered as the data's format renders a prompt: a "
-        "user turn for chat) in sample.txt, summary.json and TensorBoard; '' none; unset: 'ROMEO:' on the "
+        "at the end, a greedy continuation (repetition penalty 1.2) of this prompt (rendered as the data's "
+        "format renders a prompt: a user turn for chat) in sample.txt, summary.json and TensorBoard; '' none; "
+        "unset: 'ROMEO:' on the "
         "embedded default data, none on yours (under ZeRO-3 every new token gathers the whole model)")
 
     def __post_init__(self) -> None:
