@@ -330,3 +330,24 @@ def test_a_tensorboard_server_shows_the_scalars_merge_tables_and_heatmaps(job, t
                     assert tuple(pixels[96 * layer + 48, 96 * layer + 48]) == tuple(colormap(0.0))
                 # the groups the event chose from: all single at step 4, a merged pair (outlined) at step 6
                 assert np.all(pixels == OUTLINE_RGB, axis=-1).any() == (entry["step"] == 6)
+
+
+def test_a_resumed_job_continues_its_wandb_run(tmp_path, monkeypatch):
+    """wandb.init reads WANDB_RUN_ID and WANDB_RESUME: a restart continues the run its job started,
+    a new job (or --overwrite_output_dir) starts a new one, and an id the user exported wins."""
+    from ds_aslora.train.run_log import WANDB_RUN_ID, continue_wandb_run
+
+    for name in ("WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    first = continue_wandb_run(str(tmp_path), resuming=False)
+    assert os.environ["WANDB_RUN_ID"] == first and os.environ["WANDB_RESUME"] == "allow"
+    assert open(tmp_path / WANDB_RUN_ID).read().strip() == first
+    monkeypatch.delenv("WANDB_RUN_ID")
+    assert continue_wandb_run(str(tmp_path), resuming=True) == first
+    monkeypatch.delenv("WANDB_RUN_ID")
+    second = continue_wandb_run(str(tmp_path), resuming=False)
+    assert second != first and open(tmp_path / WANDB_RUN_ID).read().strip() == second
+    monkeypatch.setenv("WANDB_RUN_ID", "mine")
+    monkeypatch.setenv("WANDB_RESUME", "must")
+    assert continue_wandb_run(str(tmp_path), resuming=True) == "mine" and os.environ["WANDB_RESUME"] == "must"
+    assert open(tmp_path / WANDB_RUN_ID).read().strip() == "mine"

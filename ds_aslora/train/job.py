@@ -56,7 +56,7 @@ from .model_setup import (
 from .render import Renderer
 from .resolved import deepspeed_config, derive, lr_at, save_resolved
 from .run_config import ConfigError, RunConfig, parse_run_config
-from .run_log import TRAINER_LOG, RunLogger, deepspeed_monitor, missing_monitor_package
+from .run_log import TRAINER_LOG, RunLogger, continue_wandb_run, deepspeed_monitor, missing_monitor_package
 
 CHECKPOINTS, ADAPTER, RUNS, SUMMARY, SAMPLE = "checkpoints", "adapter", "runs", "summary.json", "sample.txt"
 # With no --data: the embedded Shakespeare sample, and settings that finish in minutes on CPU and show
@@ -451,6 +451,8 @@ def setup(run: RunConfig, ds_path: str) -> "Setup":
     monitor, error = None, None
     if rank == 0:  # DeepSpeed's monitors write from rank 0; after the overwrite, which would remove csv's folder
         try:
+            if ds_config.get("wandb", {}).get("enabled") is True:
+                continue_wandb_run(out, resuming=resume_from is not None)
             monitor = deepspeed_monitor(ds_config)
         except Exception as err:  # wandb or comet refusing to start (login, network): all ranks stop, none waits
             error = f"a DeepSpeed monitor enabled in {ds_path} could not start: {err}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import uuid
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from ..utils.atomic import write_text
@@ -49,6 +50,7 @@ DISTANCE_MAX_TAG = "aslora/distance_max/"
 TRAINER_LOG = "trainer_log.jsonl"
 # DeepSpeed's monitors that get the job's scalars; its "tensorboard" is left out (RunLogger writes TensorBoard).
 JOB_MONITORS = ("wandb", "csv_monitor", "comet")
+WANDB_RUN_ID = "wandb_run_id"  # in output_dir: the wandb run this job's restarts continue
 
 
 def missing_monitor_package(ds_config: Mapping[str, Any], ds_path: str = "the DeepSpeed config") -> Optional[str]:
@@ -75,6 +77,24 @@ def deepspeed_monitor(ds_config: Mapping[str, Any]) -> Optional[Any]:
     sections["comet"].setdefault("samples_log_interval", 1)
     config = get_monitor_config(sections)
     return MonitorMaster(config) if config.enabled else None
+
+
+def continue_wandb_run(output_dir: str, resuming: bool) -> str:
+    """The wandb run id this job logs to, handed to wandb (which DeepSpeed's monitor starts) as
+    ``WANDB_RUN_ID`` with ``WANDB_RESUME=allow``: a job resumed from its output_dir continues the run
+    it started, as a new job starts a new one, instead of a new wandb run per restart. The id is kept
+    in ``<output_dir>/wandb_run_id``; a ``WANDB_RUN_ID`` the user exported wins. wandb refuses points
+    below its last step, so the steps the crashed attempt logged past its checkpoint keep its values."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    path = os.path.join(output_dir, WANDB_RUN_ID)
+    if not run_id and resuming and os.path.isfile(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+    run_id = run_id or uuid.uuid4().hex[:12]
+    write_text(path, run_id + "\n")
+    os.environ["WANDB_RUN_ID"] = run_id
+    os.environ.setdefault("WANDB_RESUME", "allow")
+    return run_id
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:
