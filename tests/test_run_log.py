@@ -351,3 +351,28 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_RESUME", "must")
     assert continue_wandb_run(str(tmp_path), resuming=True) == "mine" and os.environ["WANDB_RESUME"] == "must"
     assert open(tmp_path / WANDB_RUN_ID).read().strip() == "mine"
+
+
+def test_csv_monitor_files_of_a_resumed_run_keep_one_header_and_each_step_once(tmp_path, monkeypatch):
+    """DeepSpeed's csvMonitor (real) appends and writes a header per process: the resumed run's logger
+    drops the interrupted run's rows from the checkpoint's step on, and the files keep their one header."""
+    import deepspeed.comm as dist
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: 0)  # rank 0 of a job, without a process group
+
+    def monitor():  # one per process, as the job builds it
+        return MonitorMaster(get_monitor_config({"csv_monitor": {"enabled": True, "output_path": str(tmp_path),
+                                                                 "job_name": "r"}}))
+
+    with RunLogger(str(tmp_path), "r", enabled=True, monitor=monitor()) as log:
+        for step in range(1, 7):  # the interrupted run got to step 6; its checkpoint is at 3
+            log.scalars(step, {"train/loss": float(step), "eval/loss": 0.5 if step == 6 else None})
+            log.flush()
+    with RunLogger(str(tmp_path), "r", enabled=True, purge_step=4, monitor=monitor()) as log:
+        for step in range(4, 9):
+            log.scalars(step, {"train/loss": 10.0 + step})
+            log.flush()
+    assert read_csv_monitor(tmp_path / "r") == {
+        "train_loss": [(1, 1.0), (2, 2.0), (3, 3.0)] + [(s, 10.0 + s) for s in range(4, 9)], "eval_loss": []}

@@ -32,7 +32,10 @@ TensorBoard, and DeepSpeed's would add that second loss curve to the same run fo
 """
 from __future__ import annotations
 
+import csv
+import glob
 import importlib.util
+import io
 import json
 import os
 import uuid
@@ -133,6 +136,32 @@ def keep_steps_before(path: str, purge_step: int) -> None:
     write_text(path, "".join(kept))
 
 
+def resume_csv_monitor(csv_monitor: Any, purge_step: int) -> None:
+    """DeepSpeed's ``csvMonitor`` appends, and writes a header the first time its process writes a
+    file: after a resume its files would hold the interrupted run's steps past the checkpoint and a
+    second header. Its files lose the rows of steps >= ``purge_step`` (atomically; a torn row too)
+    and it is told they have their header."""
+    for path in sorted(glob.glob(os.path.join(csv_monitor.log_dir, "*.csv"))):
+        with open(path, newline="") as f:
+            lines = list(csv.reader(f))
+        if not lines:  # the monitor writes its header into it
+            continue
+        header, *rows = lines
+        kept = [header]
+        for row in rows:
+            try:
+                if len(row) == 2 and int(row[0]) < purge_step:
+                    kept.append(row)
+            except ValueError:  # a header written again by an earlier resume, or a torn row
+                pass
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        write_text(path, text.getvalue())
+        name = os.path.basename(path)[:-len(".csv")]
+        if name not in csv_monitor.filenames:
+            csv_monitor.filenames.append(name)
+
+
 def _json_number(value: Any) -> Any:
     return value if isinstance(value, int) else float(value)
 
@@ -142,8 +171,8 @@ class RunLogger:
     global rank 0 only (``enabled``).
 
     ``purge_step``: a resumed run's first step; what the interrupted run logged from there on is
-    dropped (TensorBoard hides it, the jsonl loses its lines). ``monitor``: DeepSpeed's monitors
-    (``deepspeed_monitor``; anything with ``write_events([(tag, value, step), ...])``).
+    dropped (TensorBoard hides it, the jsonl and csv_monitor's files lose their lines). ``monitor``:
+    DeepSpeed's monitors (``deepspeed_monitor``; anything with ``write_events([(tag, value, step), ...])``).
     A context manager: ``with RunLogger(...) as log: ...`` flushes and closes on exit.
     """
 
@@ -160,6 +189,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
             keep_steps_before(self.jsonl_path, purge_step or 0)
+            csv_monitor = getattr(monitor, "csv_monitor", None)
+            if purge_step is not None and csv_monitor is not None:
+                resume_csv_monitor(csv_monitor, purge_step)
             self._jsonl = open(self.jsonl_path, "a")
 
     @property
