@@ -1,6 +1,7 @@
 """The job's process setup: every group gets the collective timeout (DeepSpeed's too), the gloo
-setup channel connects with it and names GLOO_SOCKET_IFNAME when it cannot, and every rank stops
-alike on an environment variable one node sees differently; CPU placement is reported per host."""
+setup channel connects with it and names GLOO_SOCKET_IFNAME when it cannot, ranks waiting for
+another's setup outlast it, and every rank stops alike on an environment variable one node sees
+differently; CPU placement is reported per host."""
 import os
 
 import pytest
@@ -57,6 +58,29 @@ def test_every_group_gets_the_collective_timeout_and_a_differing_variable_stops_
     assert [r[:2] for r in results] == [(420.0, 420.0)] * 2  # torch's default would be 1800 (gloo), 600 (NCCL)
     assert results[0][2] == results[1][2] and "DS_ASLORA_CACHE is '/cache/rank0' on rank 0 but '/cache/rank1'" \
         in results[0][2]
+
+
+def late_rank_0(rank):
+    import time
+    from datetime import timedelta
+
+    from ds_aslora.train import dist_setup
+
+    # the job's groups, with a 3 s collective timeout and a 120 s setup wait
+    dist_setup._connect_setup_group(timedelta(seconds=3), setup_wait=timedelta(seconds=120))
+    if rank == 0:
+        time.sleep(10)  # tokenising, past the collective timeout
+    started = time.monotonic()
+    dist_setup.setup_barrier()
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_ranks_waiting_for_rank_0s_setup_outlast_the_collective_timeout():
+    """gloo's monitored barrier applies its timeout on rank 0 only: the others wait with their group's
+    (they died after dist_timeout_minutes while rank 0 tokenised). The setup wait has a group of its own."""
+    waited = run_ranks(late_rank_0, 2)
+    assert waited[1] > 5  # rank 1 waited for rank 0, past the 3 s timeout
 
 
 def unreachable(rank):

@@ -55,15 +55,23 @@ def init_distributed(timeout_minutes: float) -> None:
     _connect_setup_group(timeout)
 
 
-def _connect_setup_group(timeout: timedelta) -> None:
+_SETUP_WAIT_GROUP: list = []  # the gloo group whose own timeout is SETUP_WAIT (setup_barrier)
+
+
+def _connect_setup_group(timeout: timedelta, setup_wait: timedelta = SETUP_WAIT) -> None:
     """The only gloo traffic of an NCCL job. Connected with the normal timeout: a hostname that
-    resolves to loopback (Ubuntu's 127.0.1.1) or an unroutable interface fails here, in minutes."""
+    resolves to loopback (Ubuntu's 127.0.1.1) or an unroutable interface fails here, in minutes.
+    Two groups: one with the collective timeout (objects, messages), one whose timeout is
+    ``setup_wait`` (``setup_barrier``): gloo's monitored barrier applies its own timeout on rank 0
+    only, and every other rank waits with its group's."""
     set_object_group(None)
+    _SETUP_WAIT_GROUP.clear()
     if dist.get_world_size() == 1:
         return
     try:
         group = dist.new_group(backend="gloo", timeout=timeout)
         dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+        waiting = dist.new_group(backend="gloo", timeout=setup_wait)  # connects once the channel is proven
     except RuntimeError as err:
         raise RuntimeError(
             f"rank {dist.get_rank()} on {socket.gethostname()} could not connect to the other ranks over gloo "
@@ -72,6 +80,7 @@ def _connect_setup_group(timeout: timedelta) -> None:
             "GLOO_SOCKET_IFNAME to the interface the nodes share (e.g. the one in NCCL_SOCKET_IFNAME), on every "
             "node") from None
     set_object_group(group)  # also carries raise_together's messages
+    _SETUP_WAIT_GROUP.append((waiting, setup_wait))
 
 
 def barrier() -> None:
@@ -82,8 +91,9 @@ def barrier() -> None:
 def setup_barrier() -> None:
     """Wait for work one rank per node does (tokenising a large dataset, converting the default
     model), up to ``SETUP_WAIT``: the collective timeout would kill the waiting ranks first."""
-    if object_group() is not None:
-        dist.monitored_barrier(group=object_group(), timeout=SETUP_WAIT, wait_all_ranks=True)
+    if _SETUP_WAIT_GROUP:
+        group, wait = _SETUP_WAIT_GROUP[0]
+        dist.monitored_barrier(group=group, timeout=wait, wait_all_ranks=True)
 
 
 def gather_objects(value: object) -> list:
