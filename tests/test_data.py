@@ -205,6 +205,12 @@ def test_sharegpt_conversations_equal_openai_messages():
     bad = datasets.Dataset.from_list([{"conversations": [{"from": "tool", "value": "x"}]}])
     with pytest.raises(ValueError, match=r"^data: row 0: unknown ShareGPT role 'tool'"):
         tokenize(bad, tok, "auto", 64)
+    no_role = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}])
+    with pytest.raises(ValueError, match=r"^data: row 0: a turn without a 'role' \(got None\)"):
+        tokenize(no_role, tok, "auto", 64)
+    strings = datasets.Dataset.from_list([{"messages": ["hello", "hi"]}])
+    with pytest.raises(ValueError, match=r"^data: row 0: each turn must be an object with 'role' and 'content', got"):
+        tokenize(strings, tok, "chat", 64)
 
 
 def test_fallback_template_without_chat_template():

@@ -45,7 +45,12 @@ def _messages(row: Mapping[str, Any], index: int) -> list[dict[str, str]]:
         turns, role_key, content_key, roles = row.get("conversations"), "from", "value", SHAREGPT_ROLES
     out = []
     for turn in turns or []:
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"row {index}: each turn must be an object with {role_key!r} and {content_key!r}, "
+                             f"got {type(turn).__name__} {turn!r:.40}")
         role, content = turn.get(role_key), turn.get(content_key)
+        if not isinstance(role, str):
+            raise ValueError(f"row {index}: a turn without a {role_key!r} (got {role!r})")
         if roles is not None:
             if role not in roles:
                 raise ValueError(f"row {index}: unknown ShareGPT role {role!r} (known: {list(roles)})")
