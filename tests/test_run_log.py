@@ -226,8 +226,8 @@ def test_csv_monitor_gets_the_jobs_scalars_and_deepspeeds_tensorboard_stays_off(
 
 @pytest.mark.slow
 def test_a_resumed_run_logs_each_step_once(assets, job, tmp_path):
-    """As after a crash past the step-3 checkpoint: the resumed run drops steps 4-6 from the jsonl and
-    logs them again, equal to the uninterrupted run's."""
+    """As after a crash past the step-3 checkpoint: the resumed run drops steps 4-6 from the jsonl and the
+    csv_monitor files and logs them again, equal to the uninterrupted run's."""
     resumed = tmp_path / "resumed"
     shutil.copytree(job["out"], resumed)
     (resumed / "checkpoints" / "latest").write_text("global_step3")
@@ -235,10 +235,15 @@ def test_a_resumed_run_logs_each_step_once(assets, job, tmp_path):
     launch(assets, resumed, *ARGS, "--resume", "auto", ds=job["ds"], stage=2)
     full, again = read_jsonl(job["out"]), read_jsonl(resumed)
     assert [r["step"] for r in again] == list(range(7))
+    csv_full, csv_again = read_csv_monitor(job["out"] / "runs" / "r"), read_csv_monitor(resumed / "runs" / "r")
+    assert {k: [s for s, _ in v] for k, v in csv_again.items()} == {k: [s for s, _ in v] for k, v in csv_full.items()}
+    exact = ("train/loss", "train/learning_rate", "train/epoch", "eval/loss", "aslora/live_B_groups/q_proj",
+             "aslora/distance_max/q_proj")
     for a, b in zip(full, again, strict=True):  # fp32 on CPU, same ranks and data: exactly
-        for key in ("train/loss", "train/learning_rate", "train/epoch", "eval/loss", "aslora/live_B_groups/q_proj",
-                    "aslora/distance_max/q_proj"):
+        for key in exact:
             assert a.get(key) == b.get(key), (a["step"], key)
+    for key in exact:  # one header per csv file (read_csv_monitor reads every other row as numbers)
+        assert csv_again[key.replace("/", "_")] == csv_full[key.replace("/", "_")], key
 
 
 # -- TensorBoard's HTTP API ------------------------------------------------------------------
