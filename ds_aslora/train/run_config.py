@@ -204,8 +204,8 @@ class LoggingConfig:
     sample_prompt: Optional[str] = _help(
         "at the end, a greedy continuation (repetition penalty 1.2) of this prompt (rendered as the data's "
         "format renders a prompt: a user turn for chat) in sample.txt, summary.json and TensorBoard; '' none; "
-        "unset: 'ROMEO:' on the "
-        "embedded default data, none on yours (under ZeRO-3 every new token gathers the whole model)")
+        "unset: 'ROMEO:' on the embedded default data, none on yours (under ZeRO-3 every new token gathers the "
+        "whole model)")
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir must not be empty")
