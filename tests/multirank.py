@@ -15,6 +15,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from ds_aslora.train.dist_setup import close_distributed
 from ds_aslora.utils.ranks import free_port, remove_shm_buffers
 
 
@@ -37,7 +38,7 @@ def _worker(rank, fn, world_size, port, out_dir, args):
             f.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        close_distributed()  # also the groups a test made through dist_setup
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):

@@ -6,6 +6,7 @@ a variable one node lacks, ranks bound to one core) fails or shows in the first 
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections import defaultdict
@@ -81,6 +82,18 @@ def _connect_setup_group(timeout: timedelta, setup_wait: timedelta = SETUP_WAIT)
             "node") from None
     set_object_group(group)  # also carries raise_together's messages
     _SETUP_WAIT_GROUP.append((waiting, setup_wait))
+
+
+def close_distributed() -> None:
+    """Destroy every group while the interpreter is whole. A group this module (or ``ranks``) still
+    held would outlive ``destroy_process_group`` and die at interpreter exit, when gloo's worker
+    threads can no longer take the GIL: SIGABRT ("terminate called without an active exception")
+    after a job had finished or failed cleanly."""
+    _SETUP_WAIT_GROUP.clear()
+    set_object_group(None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # groups in reference cycles go now too, not at exit
 
 
 def barrier() -> None:
