@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 
 import datasets
 import numpy as np
@@ -15,7 +16,7 @@ import sentencepiece as spm
 import tokenizers
 import torch
 from tokenizers import models, pre_tokenizers, processors
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.models.bert_generation import BertGenerationTokenizer
 
 from ds_aslora.train import data as D
@@ -28,6 +29,7 @@ from ds_aslora.train.data import (
     load_data,
     prepare_data,
     tokenize,
+    tokenizer_fingerprint,
 )
 from ds_aslora.train.render import Renderer
 from ds_aslora.train.run_config import DataConfig
@@ -351,6 +353,37 @@ def test_the_prepared_cache_key_sees_every_option_and_the_file(tmp_path):
     assert not again.from_cache and len(again.train) == len(first.train) + 1
 
 
+def test_the_cache_is_found_from_another_mount_and_tokenizer_folder_and_a_miss_names_what_differs(tmp_path):
+    # prepare.py on a login node reads /mnt/shared/... and a hub snapshot; the job reads /shared/... and
+    # a copy of the tokenizer: the same files (size, mtime) and the same tokenizer are the same key.
+    cache = str(tmp_path / "cache")
+    for mount in ("login", "compute"):
+        os.makedirs(tmp_path / mount / "data")
+        shutil.copy2(asset("text.jsonl"), tmp_path / mount / "data" / "train.jsonl")  # keeps the mtime
+        word_tokenizer(CHATML).save_pretrained(str(tmp_path / mount / "tokenizer"))
+    def prepare(mount, **options):
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / mount / "tokenizer"))
+        return prepare_data(DataConfig(data=str(tmp_path / mount / "data" / "train.jsonl"), **options), tok, seed=1,
+                            cache_dir=cache)
+    first = prepare("login", max_seq_length=8)
+    assert not first.from_cache and first.miss is None  # an empty cache: nothing to compare with
+    again = prepare("compute", max_seq_length=8)
+    assert again.from_cache and again.cache == first.cache and again.train[:] == first.train[:]
+    other = prepare("compute", max_seq_length=9)
+    assert not other.from_cache and other.miss == f"the nearest cached set, {os.path.basename(first.cache)}, " \
+        "differs in: option max_seq_length"
+    assert {first.train.features[c].feature.dtype for c in ("input_ids", "labels")} == {"int32"}  # 4 B a token
+    leftovers = [e for e in os.listdir(cache) if ".tmp-" in e or e.endswith(".work")]
+    assert leftovers == []
+
+
+def test_a_sentencepiece_tokenizer_has_one_fingerprint_wherever_it_was_loaded_from(sp_model, tmp_path):
+    shutil.copytree(sp_model, tmp_path / "copy")
+    here, there = (LlamaTokenizer.from_pretrained(str(p), add_bos_token=True) for p in (sp_model, tmp_path / "copy"))
+    assert here.vocab_file != there.vocab_file and tokenizer_fingerprint(here) == tokenizer_fingerprint(there)
+    assert tokenizer_fingerprint(here) != tokenizer_fingerprint(LlamaTokenizer.from_pretrained(str(sp_model)))
+
+
 def test_the_training_content_digest_follows_the_rows_not_the_file(tmp_path):
     # A resumed run compares this digest: a copy of the data on another disk (another path and mtime,
     # another cache folder) is the same stream; one changed token is not.
@@ -507,6 +540,13 @@ def test_the_streamed_content_digest_hashes_the_bytes_it_always_did(window, chun
         "input_ids": [rng.integers(0, 50_000, size=k).astype(np.int32).tolist() for k in lengths],
         "labels": [rng.integers(-100, 50_000, size=k).astype(np.int32).tolist() for k in lengths],
         "length": lengths.astype(np.int64)})
-    for dataset in (rows, rows.shuffle(seed=0).select(range(4_321))):  # with an indices mapping too
-        assert content_digest(dataset, window, chunk) == _digest_as_first_defined(dataset, window)
+    wide = rows.cast(datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                        "labels": datasets.Sequence(datasets.Value("int64")),
+                                        "length": datasets.Value("int64")}))
+    assert rows.features["input_ids"].feature.dtype == "int32"  # as datasets stores token ids
+    for dataset, reference in ((rows, wide), (rows.shuffle(seed=0).select(range(4_321)),
+                                              wide.shuffle(seed=0).select(range(4_321)))):  # an indices mapping too
+        # integers hash as int64 whatever their stored width: as first defined, on the int64 rows
+        assert content_digest(dataset, window, chunk) == content_digest(reference, window, chunk) \
+            == _digest_as_first_defined(reference, window)
     assert content_digest(rows, window, chunk) != content_digest(rows.select(range(4_999)), window, chunk)

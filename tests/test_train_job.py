@@ -208,6 +208,10 @@ def test_a_job_after_launch_prepare_reads_the_cache_and_tokenises_nothing(assets
     done = launch(assets, tmp_path / "out", "--max_steps", "1", *cache)
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("data: ")]
     assert line == f"data: read the prepared cache {second.stdout.split(': ', 1)[1].strip()} (nothing tokenised)"
+    longer = subprocess.run([*prepare, "--max_seq_length", "96"], capture_output=True, text=True, cwd=ROOT)
+    name = os.path.basename(second.stdout.split(": ", 1)[1].strip())
+    assert longer.stdout.splitlines()[0] == f"no cached set had this key; the nearest cached set, {name}, differs " \
+        "in: option max_seq_length", longer.stdout
     missing = subprocess.run([*prepare, "--data", str(tmp_path / "none.jsonl")], capture_output=True, text=True,
                              cwd=ROOT)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [

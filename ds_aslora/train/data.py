@@ -8,18 +8,19 @@ ShareGPT ``conversations`` [{from, value}]: ``render``). ``train_on_prompt`` tra
 token instead. A sample's first token is never a target (nothing of the sample precedes it).
 
 ``prepare_data`` keeps its result whole under the cache folder, keyed by everything it depends
-on (``prepared_key``): a restart, or the job after ``launch/prepare.py``, reads it back instead
+on (``prepared_key_parts``): a restart, or the job after ``launch/prepare.py``, reads it back instead
 of tokenising. Tokenising runs in ``preprocessing_num_workers`` processes. In a multi-rank job
 one rank prepares first (then a barrier): the others find the cache.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -28,10 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
-from filelock import FileLock
 
 from ..utils.atomic import write_text
-from .assets import cache_root
+from .assets import cache_root, ensure_built
 from .packing import pack
 from .render import Renderer
 from .run_config import DataConfig
@@ -44,6 +44,12 @@ FORMAT_COLUMNS = {"chat": (("messages",), ("conversations",)), "alpaca": (("inst
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 # Part of every cache key: bump when the tokenisation rules change, so old caches are not reused.
 CACHE_VERSION = 2
+JSON_ARRAY_WARN_BYTES = 1 << 30  # datasets reads a .json array whole (pyarrow streams JSON lines only)
+TOKEN_IDS = datasets.Sequence(datasets.Value("int32"))  # ids and labels: half the bytes of int64 on disk
+TOKENIZED_FEATURES = datasets.Features({"input_ids": TOKEN_IDS, "labels": TOKEN_IDS, "length": datasets.Value("int64"),
+                                        "n_targets": datasets.Value("int64")})
+
+log = logging.getLogger(__name__)
 
 
 def ensure_pad_token(tokenizer: Any) -> int:
@@ -83,6 +89,9 @@ def load_data(path: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
                              "save_to_disk folder")
         if ext == ".jsonl":
             _check_json_lines_once(path, cache_dir)
+        elif ext == ".json" and os.path.getsize(path) > JSON_ARRAY_WARN_BYTES and _starts_with(path, b"["):
+            log.warning("%s: a JSON array of %.1f GB is read whole into memory (datasets streams JSON lines "
+                        "only); convert it to .jsonl for a bounded load", path, os.path.getsize(path) / 1e9)
         try:
             dataset = datasets.load_dataset(LOADERS[ext], data_files=path, split="train", cache_dir=cache_dir)
         except datasets.exceptions.DatasetGenerationError as err:
@@ -92,6 +101,12 @@ def load_data(path: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
     if len(dataset) == 0:
         raise ValueError(f"{path!r} has no rows")
     return dataset
+
+
+def _starts_with(path: str, prefix: bytes) -> bool:
+    """Whether the file's first non-blank bytes are ``prefix``."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
 
 
 def _check_json_lines_once(path: str, cache_dir: Optional[str]) -> None:
@@ -204,7 +219,7 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
     if truncation not in ("truncate", "refuse"):
         raise ValueError(f"truncation must be 'truncate' or 'refuse', got {truncation!r}")
     fmt = detect_format(dataset.column_names, fmt, source)
-    key = Hasher.hash([dataset._fingerprint, Hasher.hash(tokenizer), fmt, max_seq_length, train_on_prompt,
+    key = Hasher.hash([dataset._fingerprint, tokenizer_fingerprint(tokenizer), fmt, max_seq_length, train_on_prompt,
                        CACHE_VERSION])
     renderer = Renderer(tokenizer, fmt, train_on_prompt)
 
@@ -232,7 +247,7 @@ def tokenize(dataset: datasets.Dataset, tokenizer: Any, fmt: str, max_seq_length
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenized = dataset.map(rows_to_tokens, batched=True, with_indices=True, remove_columns=dataset.column_names,
                             cache_file_name=_cache_file(cache_dir, "tokenized", key), load_from_cache_file=True,
-                            new_fingerprint=key, desc=f"tokenizing {source}",
+                            new_fingerprint=key, desc=f"tokenizing {source}", features=TOKENIZED_FEATURES,
                             num_proc=workers)
     lengths, targets = int_column(tokenized, "length"), int_column(tokenized, "n_targets")
     too_long = int((lengths > max_seq_length).sum()) if max_seq_length is not None else 0
@@ -262,6 +277,7 @@ class PreparedData:
     cache: Optional[str] = None  # the prepared-data folder, when there is a cache
     from_cache: bool = False  # read back whole: nothing was tokenised
     digest: Optional[str] = None  # the training set's content (content_digest), kept with the cache
+    miss: Optional[str] = None  # when tokenised with a cache: the nearest cached set's differing key parts
 
     def train_digest(self) -> str:
         """What a resumed run compares: the training rows themselves, not where they were read from."""
@@ -274,8 +290,9 @@ def content_digest(dataset: datasets.Dataset, window: int = 65_536, chunk: int =
     """A hash of every row's values: per window of rows, column by column (list columns: the
     window's lengths, then its values): the same rows give the same digest wherever and whenever
     they were tokenised. Read ``chunk`` rows at a time and hashed from Arrow's buffers, so memory
-    stays at a chunk whatever the rows' length (a window of long rows is gigabytes). ``window`` is part
-    of the digest's definition (caches and checkpoints keep digests): keep it."""
+    stays at a chunk whatever the rows' length (a window of long rows is gigabytes). Integers are
+    hashed as int64 whatever their stored width. ``window`` is part of the digest's definition
+    (caches and checkpoints keep digests): keep it."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(sorted(dataset.column_names)).encode())
     columns = []
@@ -293,7 +310,8 @@ def content_digest(dataset: datasets.Dataset, window: int = 65_536, chunk: int =
             for a, b in parts:
                 values = rows[a:b].column(0)
                 for piece in (pc.list_flatten(values) if is_list else values).chunks:
-                    h.update(np.ascontiguousarray(piece))
+                    array = np.asarray(piece)
+                    h.update(np.ascontiguousarray(array, dtype=np.int64 if array.dtype.kind in "iu" else None))
     return h.hexdigest()
 
 
@@ -308,27 +326,60 @@ def data_files(spec: str) -> list[str]:
 
 
 def _file_identity(path: str) -> list:
-    """What a file's rows depend on, read without reading it: path, size and modification time
-    (as ``datasets`` keys its own cache). A folder is identified by its files."""
-    path = os.path.abspath(path)
+    """What a file's rows depend on, read without reading it: name, size and modification time
+    (as ``datasets`` keys its own cache, less the folder: a shared disk mounted elsewhere on
+    another node is the same file). A folder is identified by its files."""
     if os.path.isdir(path):
-        return [path] + [_file_identity(os.path.join(path, f)) for f in sorted(os.listdir(path))]
+        return [os.path.basename(os.path.normpath(path))] + [_file_identity(os.path.join(path, f))
+                                                               for f in sorted(os.listdir(path))]
     if not os.path.exists(path):
         return [path, None]  # load_data names it
     st = os.stat(path)
-    return [path, st.st_size, st.st_mtime_ns]
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
 
 
-def prepared_key(config: DataConfig, tokenizer: Any, seed: int) -> str:
-    """The exact key of a prepared data set: every data option, each file's identity, the
-    tokenizer (vocabulary, special tokens and chat template included) and the rules' version.
-    ``launch/prepare.py`` and the job compute it the same way, so either finds the other's."""
-    files = [_file_identity(p) for p in data_files(config.data or "")]
-    eval_files = [_file_identity(p) for p in data_files(config.eval_data)] if config.eval_data else None
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer's hash (vocabulary, special tokens, chat template and every setting) without
+    where it was loaded from: a hub id and its local snapshot, or one folder on two mounts, are the
+    same tokenizer. A setting naming a file (``vocab_file``) is its path: the file's content is in
+    the tokenizer's state already."""
+    def where(key: str, value: Any) -> bool:
+        return key == "name_or_path" or (isinstance(value, str) and os.path.sep in value and os.path.exists(value))
+
+    clone = copy.copy(tokenizer)
+    clone.__dict__.update({k: None for k, v in vars(tokenizer).items() if where(k, v)})
+    clone.init_kwargs = {k: v for k, v in tokenizer.init_kwargs.items() if not where(k, v)}
+    return Hasher.hash(clone)
+
+
+def prepared_key_parts(config: DataConfig, tokenizer: Any, seed: int) -> dict[str, str]:
+    """Everything a prepared data set depends on, part by part (hashed): each file's identity, each
+    data option, the tokenizer and the rules' version. Their hash is the cache folder's key;
+    ``launch/prepare.py`` and the job compute it alike, so either finds the other's. A cache miss
+    names the parts that differ."""
     options = {k: v for k, v in dataclasses.asdict(config).items()
                if k not in ("data", "eval_data", "data_cache_dir", "preprocessing_num_workers")}
-    seed_used = seed if config.eval_fraction > 0 else None  # only the eval split draws on it
-    return Hasher.hash([files, eval_files, options, seed_used, Hasher.hash(tokenizer), CACHE_VERSION])
+    parts = {"data files": [_file_identity(p) for p in data_files(config.data or "")],
+             "eval_data files": [_file_identity(p) for p in data_files(config.eval_data)] if config.eval_data else None,
+             "seed": seed if config.eval_fraction > 0 else None,  # only the eval split draws on it
+             "tokenizer": tokenizer_fingerprint(tokenizer), "version": CACHE_VERSION,
+             **{f"option {k}": v for k, v in sorted(options.items())}}
+    return {name: Hasher.hash(value) for name, value in parts.items()}
+
+
+def nearest_miss(cache_dir: str, parts: dict[str, str]) -> Optional[str]:
+    """Why no cached set fits: the key parts in which the closest one in ``cache_dir`` differs."""
+    best: Optional[tuple[int, str, list[str]]] = None
+    for entry in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+        try:
+            with open(os.path.join(cache_dir, entry, PREPARED_META)) as f:
+                theirs = json.load(f).get("key_parts") or {}
+        except (OSError, ValueError):
+            continue
+        differ = sorted(k for k in parts.keys() | theirs.keys() if parts.get(k) != theirs.get(k))
+        if theirs and (best is None or len(differ) < best[0]):
+            best = (len(differ), entry, differ)
+    return f"the nearest cached set, {best[1]}, differs in: {', '.join(best[2])}" if best else None
 
 
 def _load_files(spec: str, forced: str, cache_dir: Optional[str]) -> tuple[datasets.Dataset, str]:
@@ -351,28 +402,34 @@ def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Op
                  num_proc: Optional[int] = None) -> PreparedData:
     """Load, split (``eval_fraction``) or load ``eval_data``, tokenise and pack, as ``config`` says.
 
-    With a ``cache_dir`` the result is kept whole under ``prepared-<key>/`` (``prepared_key``),
-    written to a temporary name and renamed when complete: a later call with the same key reads
-    it back (``from_cache``) without loading, checking or tokenising anything.
+    With a ``cache_dir`` the result is kept whole under ``prepared-<key>/`` (``prepared_key_parts``), built
+    once among processes sharing the folder (``ensure_built``: a lock, a temporary folder flushed to
+    disk and renamed when complete): a later call with the same key reads it back (``from_cache``)
+    without loading, checking or tokenising anything.
     """
     if config.data is None:
         raise ValueError("no training data: set data (a .jsonl/.json/.csv/.parquet/.arrow file or a folder)")
-    folder = os.path.join(cache_dir, f"prepared-{prepared_key(config, tokenizer, seed)}") if cache_dir else None
-    if folder is None:
+    if not cache_dir:
         return _prepare(config, tokenizer, seed, None, None, num_proc)
-    if os.path.isfile(os.path.join(folder, PREPARED_META)):
-        return _read_prepared(folder)
-    os.makedirs(cache_dir, exist_ok=True)
-    with FileLock(f"{folder}.lock"):  # jobs sharing a cache: one prepares, the others then read it
-        if os.path.isfile(os.path.join(folder, PREPARED_META)):
-            return _read_prepared(folder)
-        return _prepare(config, tokenizer, seed, cache_dir, folder, num_proc)
+    parts = prepared_key_parts(config, tokenizer, seed)
+    folder = os.path.join(cache_dir, f"prepared-{Hasher.hash(parts)}")
+    work = f"{folder}.work"  # the tokenising maps' shards: an interrupted preparation keeps the finished ones
+    built: dict[str, Optional[str]] = {}
+
+    def build(tmp: str) -> None:
+        built["miss"] = nearest_miss(cache_dir, parts)
+        _save_prepared(_prepare(config, tokenizer, seed, cache_dir, work, num_proc), tmp, parts)
+
+    ensure_built(folder, build)
+    shutil.rmtree(work, ignore_errors=True)
+    data = _read_prepared(folder, from_cache="miss" not in built)
+    data.miss = built.get("miss")
+    return data
 
 
-def _prepare(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Optional[str], folder: Optional[str],
+def _prepare(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Optional[str], work: Optional[str],
              num_proc: Optional[int]) -> PreparedData:
     workers = num_proc if num_proc is not None else config.preprocessing_num_workers
-    work = f"{folder}.work" if folder else None  # the tokenising maps' shards; kept until complete
     train, fmt = _load_files(config.data, config.format, cache_dir)
     evaluation, eval_source = None, None
     if config.eval_data:
@@ -390,29 +447,20 @@ def _prepare(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Optional[
             dataset = pack(dataset, config.max_seq_length, num_proc=_workers(workers, len(dataset)),
                            cache_file_name=_cache_file(work, f"packed-{name}", "blocks"))
         prepared[name] = dataset
-    data = PreparedData(train=prepared["train"], eval=prepared.get("eval"), format=fmt, stats=stats, cache=folder)
-    return _write_prepared(data, folder, work) if folder else data
+    return PreparedData(train=prepared["train"], eval=prepared.get("eval"), format=fmt, stats=stats)
 
 
-PREPARED_META = "prepared.json"  # written last: a folder without it is incomplete
+PREPARED_META = "prepared.json"  # what was prepared, and from what (key_parts)
 
 
-def _write_prepared(data: PreparedData, folder: str, work: str) -> PreparedData:
-    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"  # nodes may share a disk and a pid
-    shutil.rmtree(tmp, ignore_errors=True)
+def _save_prepared(data: PreparedData, folder: str, key_parts: dict[str, str]) -> None:
     for name in ("train", "eval"):
         dataset = getattr(data, name)
         if dataset is not None:
-            dataset.save_to_disk(os.path.join(tmp, name))
+            dataset.save_to_disk(os.path.join(folder, name))
     meta = {"format": data.format, "stats": {k: dataclasses.asdict(v) for k, v in data.stats.items()},
-            "train_digest": data.train_digest()}
-    write_text(os.path.join(tmp, PREPARED_META), json.dumps(meta))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished the same folder first: theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    return _read_prepared(folder, from_cache=False)
+            "rows_digest": data.train_digest(), "key_parts": key_parts}
+    write_text(os.path.join(folder, PREPARED_META), json.dumps(meta))
 
 
 def _read_prepared(folder: str, from_cache: bool = True) -> PreparedData:
@@ -422,4 +470,4 @@ def _read_prepared(folder: str, from_cache: bool = True) -> PreparedData:
             else None for name in ("train", "eval")}
     return PreparedData(train=sets["train"], eval=sets["eval"], format=meta["format"],
                         stats={k: TokenizeStats(**v) for k, v in meta["stats"].items()}, cache=folder,
-                        from_cache=from_cache, digest=meta.get("train_digest"))
+                        from_cache=from_cache, digest=meta.get("rows_digest"))

@@ -40,7 +40,7 @@ from ..utils.atomic import write_text
 from ..utils.ranks import raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import PreparedData, cache_dir_of, prepare_data
-from .dist_setup import barrier, check_ranks, init_distributed, local_rank, setup_barrier
+from .dist_setup import barrier, check_ranks, close_distributed, init_distributed, local_rank, setup_barrier
 from .exports import BEST, export_best, save_tokenizer, serving_tokenizer, vllm_command
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
@@ -223,9 +223,10 @@ def check_shared_filesystem(out: str) -> None:
 
 
 def data_identity(run: RunConfig, derived: Any, data: Any) -> dict:
-    """What the data position means: the same stream needs the same rows, seed and global batch."""
+    """What the data position means: the same stream needs the same rows, seed and global batch.
+    (Checkpoints before ``rows`` kept ``content``, a digest of the stored integer widths: not compared.)"""
     return {"global_batch_size": derived.global_batch_size, "seed": run.training.seed,
-            "train_sequences": len(data.train), "content": data.train_digest()}
+            "train_sequences": len(data.train), "rows": data.train_digest()}
 
 
 def check_same_data(saved: dict, now: dict) -> None:
@@ -299,6 +300,8 @@ def prepare_job_data(run: RunConfig, tokenizer: Any) -> PreparedData:
         raise_together(error, ConfigError)
     say(f"data: {'read the prepared cache' if data.from_cache else 'tokenised into'} {data.cache}"
         + (" (nothing tokenised)" if data.from_cache else ""))
+    if data.miss:  # e.g. prepare.py ran with other options or another tokenizer
+        say(f"data: no cached set had this key; {data.miss}")
     for split, stats in data.stats.items():
         if stats.truncated:
             say(f"{split}: {stats.truncated} of {stats.rows} sequences were longer than max_seq_length="
@@ -659,8 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # left mid-collective are what abort a finished job at exit.
         barrier()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
         if os.environ.get("MASTER_PORT") and local_rank() == 0:
             remove_shm_buffers(os.environ["MASTER_PORT"])
     return 0

@@ -46,6 +46,8 @@ def tiny_config(vocab_size: int = 259) -> Any:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # weights in other formats than the one transformers loads, skipped when the repository has safetensors
 NOT_NEEDED_WITH_SAFETENSORS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot", "original/*"]
+# What a tokenizer (slow, fast, tiktoken, remote code) and the model's config load from.
+TOKENIZER_FILES = ["*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken", "*.py", "*.vocab"]
 
 
 def is_hub_id(model: Optional[str]) -> bool:
@@ -53,23 +55,25 @@ def is_hub_id(model: Optional[str]) -> bool:
     return model is not None and not os.path.exists(model) and bool(HUB_ID.match(model))
 
 
-def hub_snapshot(repo_id: str, download: bool) -> str:
+def hub_snapshot(repo_id: str, download: bool, tokenizer_only: bool = False) -> str:
     """The local folder of ``repo_id`` in huggingface_hub's cache, downloaded first when ``download``
     (and the hub is not switched off with HF_HUB_OFFLINE in the launch environment: huggingface_hub
-    reads it when imported); FileNotFoundError in one line otherwise."""
+    reads it when imported); FileNotFoundError in one line otherwise. ``tokenizer_only``: the
+    tokenizer's and config files, no weights (``launch/prepare.py`` on a login node)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants as hub
 
     download = download and not hub.HF_HUB_OFFLINE
     ignore = None
-    if download:
+    if download and not tokenizer_only:
         try:
             files = [s.rfilename for s in HfApi().model_info(repo_id).siblings or []]
             ignore = NOT_NEEDED_WITH_SAFETENSORS if any(f.endswith(".safetensors") for f in files) else None
         except Exception:  # noqa: BLE001 - no listing (no network, gated): snapshot_download decides, cache included
             pass
     try:
-        return snapshot_download(repo_id, local_files_only=not download, ignore_patterns=ignore)
+        return snapshot_download(repo_id, local_files_only=not download, ignore_patterns=ignore,
+                                 allow_patterns=TOKENIZER_FILES if tokenizer_only else None)
     except Exception as err:  # noqa: BLE001 - the hub's errors (offline, unknown id, gated, HTTP) have no common base
         why = " ".join(str(err).split())[:300]
         where = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1, or a rank "
@@ -81,13 +85,13 @@ def hub_snapshot(repo_id: str, download: bool) -> str:
                                 f"(huggingface-cli download {repo_id})") from None
 
 
-def resolve_model_path(model: Optional[str], download: bool = True) -> str:
+def resolve_model_path(model: Optional[str], download: bool = True, tokenizer_only: bool = False) -> str:
     """``None``: the embedded default, converted once per machine (the cache build is locked,
     so local ranks wait for one build). A hub id: its snapshot in huggingface_hub's cache
     (``download``: fetched first; each node's first rank downloads, the others then read the
-    cache). Otherwise the given folder or ``tiny``."""
+    cache; ``tokenizer_only``: without its weights). Otherwise the given folder or ``tiny``."""
     if is_hub_id(model):
-        return hub_snapshot(model, download)
+        return hub_snapshot(model, download, tokenizer_only)
     if model is not None:
         return model
     from .assets import default_model_dir

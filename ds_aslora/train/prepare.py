@@ -29,7 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run, _ = parse_run_config(argv, require_deepspeed=False, usage=USAGE)
         if run.data.data is None:
             apply_embedded_defaults(run)
-        tokenizer = load_tokenizer(resolve_model_path(run.model.model), run.model.trust_remote_code)
+        tokenizer = load_tokenizer(resolve_model_path(run.model.model, tokenizer_only=True),
+                                   run.model.trust_remote_code)
         workers = run.data.preprocessing_num_workers or default_workers()
         data = prepare_data(run.data, tokenizer, seed=run.training.seed, cache_dir=cache_dir_of(run.data),
                             num_proc=workers)
@@ -40,6 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if data.from_cache:
         print(f"already prepared: {data.cache}")
         return 0
+    if data.miss:
+        print(f"no cached set had this key; {data.miss}")
     rows = sum(stats.rows for stats in data.stats.values())
     targets = sum(stats.target_tokens for stats in data.stats.values())
     print(f"prepared {rows:,} rows ({targets:,} target tokens) in {seconds:.1f} s, {rows / seconds:,.0f} rows/s "
