@@ -373,7 +373,16 @@ def test_the_cache_is_found_from_another_mount_and_tokenizer_folder_and_a_miss_n
     assert not other.from_cache and other.miss == f"the nearest cached set, {os.path.basename(first.cache)}, " \
         "differs in: option max_seq_length"
     assert {first.train.features[c].feature.dtype for c in ("input_ids", "labels")} == {"int32"}  # 4 B a token
-    leftovers = [e for e in os.listdir(cache) if ".tmp-" in e or e.endswith(".work")]
+    # a shuffled copy stamped with the same time (cp -p, rsync -a, one-second mtimes): same name, size and
+    # mtime, other rows
+    lines = open(asset("text.jsonl")).read().splitlines(keepends=True)
+    shuffled = tmp_path / "compute" / "data" / "train.jsonl"
+    shuffled.write_text("".join(lines[::-1]))
+    stat = os.stat(tmp_path / "login" / "data" / "train.jsonl")
+    os.utime(shuffled, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    reordered = prepare("compute", max_seq_length=8)
+    assert not reordered.from_cache and reordered.miss.endswith("differs in: data files")
+    leftovers = [e for e in os.listdir(cache) if ".tmp-" in e or ".work" in e]
     assert leftovers == []
 
 

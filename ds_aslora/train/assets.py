@@ -122,11 +122,12 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
         return target
     parent, name = os.path.split(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    with _locked(os.path.join(parent, f".{name}.lock")):
+    with _locked(os.path.join(parent, f".{name}.lock")) as locked:
         if is_complete(target):  # another rank built it while we waited
             return target
         tmp_prefix = f".{name}.tmp-{socket.gethostname()}-"
-        _remove_stale(parent, tmp_prefix)
+        if locked:  # no builder on this host is live; without a lock one may be
+            _remove_stale(parent, tmp_prefix)
         tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
         try:
             logger.info("building %s (once; later runs reuse it)", target)
@@ -139,11 +140,16 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
             fsync_path(tmp)
             if is_complete(target):  # another node finished first (locks that do not span nodes)
                 return target
-            if os.path.lexists(target):  # an incomplete leftover (no marker): replace it
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
+            if os.path.lexists(target):  # an incomplete leftover (no marker): set aside in one rename, then removed
+                aside = f"{tmp}.old"
+                os.replace(target, aside)
+                if is_complete(aside):  # a stale view: it was complete after all (another node's); put it back
+                    os.replace(aside, target)
+                    return target
+                if os.path.isdir(aside) and not os.path.islink(aside):
+                    shutil.rmtree(aside)
                 else:
-                    os.remove(target)
+                    os.remove(aside)
             try:
                 os.replace(tmp, target)
             except OSError:
@@ -156,7 +162,8 @@ def ensure_built(target: str, build: Callable[[str], None]) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: str) -> Iterator[None]:
+def _locked(lock_path: str) -> Iterator[bool]:
+    """An exclusive flock on ``lock_path``: yields True, or False where the filesystem has none."""
     with open(lock_path, "a") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -165,10 +172,10 @@ def _locked(lock_path: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         except OSError as err:  # e.g. Lustre mounted without flock: build unlocked, renames stay atomic
             logger.warning("no file lock next to %s (%s); building without one", lock_path, err)
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 

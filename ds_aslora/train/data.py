@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -326,16 +327,26 @@ def data_files(spec: str) -> list[str]:
 
 
 def _file_identity(path: str) -> list:
-    """What a file's rows depend on, read without reading it: name, size and modification time
-    (as ``datasets`` keys its own cache, less the folder: a shared disk mounted elsewhere on
-    another node is the same file). A folder is identified by its files."""
+    """What a file's rows depend on, without reading it whole: name, size, modification time (as
+    ``datasets`` keys its own cache, less the folder: a shared disk mounted elsewhere on another
+    node is the same file) and a hash of its first, middle and last MiB (``cp -p``, ``rsync -a`` and
+    one-second mtimes make equal sizes and times of different files). A folder: its files."""
     if os.path.isdir(path):
         return [os.path.basename(os.path.normpath(path))] + [_file_identity(os.path.join(path, f))
                                                                for f in sorted(os.listdir(path))]
     if not os.path.exists(path):
         return [path, None]  # load_data names it
     st = os.stat(path)
-    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns, _sampled_digest(path, st.st_size)]
+
+
+def _sampled_digest(path: str, size: int, piece: int = 1 << 20) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for start in sorted({0, max(0, size // 2 - piece // 2), max(0, size - piece)}):
+            f.seek(start)
+            h.update(f.read(piece))
+    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -371,6 +382,8 @@ def nearest_miss(cache_dir: str, parts: dict[str, str]) -> Optional[str]:
     """Why no cached set fits: the key parts in which the closest one in ``cache_dir`` differs."""
     best: Optional[tuple[int, str, list[str]]] = None
     for entry in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+        if entry.startswith("."):  # a build under way, or a crashed one's leftovers
+            continue
         try:
             with open(os.path.join(cache_dir, entry, PREPARED_META)) as f:
                 theirs = json.load(f).get("key_parts") or {}
@@ -413,7 +426,9 @@ def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Op
         return _prepare(config, tokenizer, seed, None, None, num_proc)
     parts = prepared_key_parts(config, tokenizer, seed)
     folder = os.path.join(cache_dir, f"prepared-{Hasher.hash(parts)}")
-    work = f"{folder}.work"  # the tokenising maps' shards: an interrupted preparation keeps the finished ones
+    # The tokenising maps' shards, per host (locks may not span nodes: two nodes may build at once);
+    # an interrupted preparation keeps the shards it finished, for the next one on this host.
+    work = f"{folder}.work-{socket.gethostname()}"
     built: dict[str, Optional[str]] = {}
 
     def build(tmp: str) -> None:
@@ -421,7 +436,8 @@ def prepare_data(config: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Op
         _save_prepared(_prepare(config, tokenizer, seed, cache_dir, work, num_proc), tmp, parts)
 
     ensure_built(folder, build)
-    shutil.rmtree(work, ignore_errors=True)
+    if built:
+        shutil.rmtree(work, ignore_errors=True)
     data = _read_prepared(folder, from_cache="miss" not in built)
     data.miss = built.get("miss")
     return data

@@ -84,14 +84,21 @@ def _connect_setup_group(timeout: timedelta, setup_wait: timedelta = SETUP_WAIT)
     _SETUP_WAIT_GROUP.append((waiting, setup_wait))
 
 
-def close_distributed() -> None:
+def close_distributed(crashed: bool = False) -> None:
     """Destroy every group while the interpreter is whole. A group this module (or ``ranks``) still
     held would outlive ``destroy_process_group`` and die at interpreter exit, when gloo's worker
     threads can no longer take the GIL: SIGABRT ("terminate called without an active exception")
-    after a job had finished or failed cleanly."""
+    after a job had finished or failed cleanly. ``crashed`` (an exception cut this rank's step): NCCL
+    is aborted instead, since a graceful destroy waits for this rank's queued collectives, whose peers
+    may never come."""
     _SETUP_WAIT_GROUP.clear()
     set_object_group(None)
     if dist.is_initialized():
+        if crashed and dist.get_backend() == "nccl":
+            from torch.distributed import distributed_c10d
+
+            distributed_c10d._abort_process_group()
+            return
         dist.destroy_process_group()
     gc.collect()  # groups in reference cycles go now too, not at exit
 

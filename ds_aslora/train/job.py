@@ -637,6 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 2
     init_distributed(run.training.dist_timeout_minutes)
+    crashed = False
     try:
         try:
             prepared = setup(run, ds_path)
@@ -661,8 +662,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # No rank tears down while another still talks to it: gloo/NCCL threads of a peer that
         # left mid-collective are what abort a finished job at exit.
         barrier()
+    except BaseException:
+        crashed = True
+        raise
     finally:
-        close_distributed()
+        close_distributed(crashed)
         if os.environ.get("MASTER_PORT") and local_rank() == 0:
             remove_shm_buffers(os.environ["MASTER_PORT"])
     return 0

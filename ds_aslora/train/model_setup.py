@@ -71,9 +71,18 @@ def hub_snapshot(repo_id: str, download: bool, tokenizer_only: bool = False) -> 
             ignore = NOT_NEEDED_WITH_SAFETENSORS if any(f.endswith(".safetensors") for f in files) else None
         except Exception:  # noqa: BLE001 - no listing (no network, gated): snapshot_download decides, cache included
             pass
+    allow = TOKENIZER_FILES if tokenizer_only else None
     try:
-        return snapshot_download(repo_id, local_files_only=not download, ignore_patterns=ignore,
-                                 allow_patterns=TOKENIZER_FILES if tokenizer_only else None)
+        if download:
+            return snapshot_download(repo_id, ignore_patterns=ignore, allow_patterns=allow)
+        if not tokenizer_only:  # the first rank skipped the other weight formats of a repo with safetensors
+            try:                # (huggingface_hub refuses a cached snapshot with files missing, unless told)
+                folder = snapshot_download(repo_id, local_files_only=True, ignore_patterns=NOT_NEEDED_WITH_SAFETENSORS)
+                if any(f.endswith(".safetensors") for f in os.listdir(folder)):
+                    return folder
+            except Exception:  # noqa: BLE001 - a repo without safetensors: its whole snapshot, below
+                pass
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=allow)
     except Exception as err:  # noqa: BLE001 - the hub's errors (offline, unknown id, gated, HTTP) have no common base
         why = " ".join(str(err).split())[:300]
         where = ("it is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1, or a rank "
