@@ -413,6 +413,19 @@ def test_the_training_content_digest_follows_the_rows_not_the_file(tmp_path):
     assert len(other.train) == len(a.train) and other.train_digest() != a.train_digest()
 
 
+def test_a_large_json_array_is_loaded_with_a_warning_and_json_lines_without(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(D, "JSON_ARRAY_WARN_BYTES", 10)  # datasets reads a .json array whole: past 1 GB, say so
+    rows = [{"text": "the quick brown fox"}, {"text": "a lazy dog"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        assert len(load_data(str(tmp_path / "lines.json"))) == 2 and not caplog.records
+        assert len(load_data(str(tmp_path / "array.json"))) == 2
+    (record,) = caplog.records
+    assert record.getMessage().endswith("is read whole into memory (datasets streams JSON lines only); convert it "
+                                        "to .jsonl for a bounded load")
+
+
 def test_a_jsonl_file_is_checked_once_per_content(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     checked = []
