@@ -7,7 +7,10 @@ import os
 import pytest
 from multirank import run_ranks
 
+from ds_aslora.train import dist_setup
 from ds_aslora.train.dist_setup import environment_problem, placement_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def place(host, cpus, threads=4, **env):
@@ -96,3 +99,20 @@ def unreachable(rank):
 def test_a_gloo_channel_that_cannot_connect_fails_at_once_naming_gloo_socket_ifname():
     for message in run_ranks(unreachable, 2, timeout=120):
         assert "could not connect to the other ranks over gloo" in message and "GLOO_SOCKET_IFNAME" in message
+
+
+def test_a_job_whose_ranks_cannot_connect_exits_2_with_the_one_line_that_says_what_to_set(monkeypatch, capsys):
+    from ds_aslora.train import job
+
+    def unreachable(timeout_minutes):
+        raise dist_setup.SetupChannelError("rank 1 on node7 could not connect to the other ranks over gloo (the "
+                                           "job's setup channel): ... set GLOO_SOCKET_IFNAME")
+
+    monkeypatch.setattr(job, "init_distributed", unreachable)
+    closed = []
+    monkeypatch.setattr(job, "close_distributed", lambda crashed=False: closed.append(crashed))
+    status = job.main(["--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json"), "--model", "tiny"])
+    assert status == 2 and closed == [False]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 1 on node7 could not connect to the other ranks over gloo (the job's setup channel): ... set "
+        "GLOO_SOCKET_IFNAME"]

@@ -56,6 +56,10 @@ def init_distributed(timeout_minutes: float) -> None:
     _connect_setup_group(timeout)
 
 
+class SetupChannelError(RuntimeError):
+    """The ranks could not connect over gloo; the message says why and what to set."""
+
+
 _SETUP_WAIT_GROUP: list = []  # the gloo group whose own timeout is SETUP_WAIT (setup_barrier)
 
 
@@ -74,7 +78,7 @@ def _connect_setup_group(timeout: timedelta, setup_wait: timedelta = SETUP_WAIT)
         dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
         waiting = dist.new_group(backend="gloo", timeout=setup_wait)  # connects once the channel is proven
     except RuntimeError as err:
-        raise RuntimeError(
+        raise SetupChannelError(
             f"rank {dist.get_rank()} on {socket.gethostname()} could not connect to the other ranks over gloo "
             f"(the job's setup channel): {str(err).splitlines()[0]}. gloo uses the interface of the address "
             "this host's name resolves to; if that is loopback or not routable between nodes, set "

@@ -40,7 +40,15 @@ from ..utils.atomic import write_text
 from ..utils.ranks import raise_together, rank_and_world, remove_shm_buffers
 from . import assets
 from .data import PreparedData, cache_dir_of, prepare_data
-from .dist_setup import barrier, check_ranks, close_distributed, init_distributed, local_rank, setup_barrier
+from .dist_setup import (
+    SetupChannelError,
+    barrier,
+    check_ranks,
+    close_distributed,
+    init_distributed,
+    local_rank,
+    setup_barrier,
+)
 from .exports import BEST, export_best, save_tokenizer, serving_tokenizer, vllm_command
 from .loop import Job, NonFiniteLoss, evaluate, generate, train
 from .model_setup import (
@@ -636,7 +644,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    init_distributed(run.training.dist_timeout_minutes)
+    try:
+        init_distributed(run.training.dist_timeout_minutes)
+    except SetupChannelError as err:  # every rank says it: each may be on a host of its own
+        print(f"error: {err}", file=sys.stderr)
+        close_distributed()
+        return 2
     crashed = False
     try:
         try:
