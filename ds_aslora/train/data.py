@@ -111,7 +111,7 @@ def _starts_with(path: str, prefix: bytes) -> bool:
 
 
 def _check_json_lines_once(path: str, cache_dir: Optional[str]) -> None:
-    """Check a JSON-lines file once per content (path, size, mtime): a marker in the cache records it."""
+    """Check a JSON-lines file once per content (``_file_identity``): a marker in the cache records it."""
     marker = os.path.join(cache_dir, "checked", Hasher.hash(_file_identity(path))) if cache_dir else None
     if marker and os.path.isfile(marker):
         return
