@@ -159,7 +159,7 @@ def _saved_bytes(model, ids):
     ("sdpa", dict(method="lora")),
     ("sdpa", dict(method="lora", target_modules=["q_proj", "v_proj"])),
     ("sdpa", dict(method="lora", target_modules=["o_proj", "down_proj"])),
-    ("sdpa", dict(method="aslora")),                           # fp32 bank cast at every use
+    ("sdpa", dict(method="aslora")),                           # fp32 bank cast once per forward
     ("sdpa", dict(method="aslora", a_scope="in_dim")),         # ... once for the siblings sharing it
     ("sdpa", dict(method="sharelora", share="A", scope="qkv")),
     ("sdpa", dict(method="sharelora", share="B")),

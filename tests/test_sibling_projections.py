@@ -58,8 +58,8 @@ def projections(monkeypatch):
     """Counts the joint projection matmuls of a forward (the first layer called on an input leads)."""
     calls = []
     real = siblings_module._project
-    monkeypatch.setattr(siblings_module, "_project", lambda x, factors, dtype: calls.append(len(factors))
-                        or real(x, factors, dtype))
+    monkeypatch.setattr(siblings_module, "_project", lambda x, members, factors, dtype: calls.append(len(factors))
+                        or real(x, members, factors, dtype))
     return calls
 
 

@@ -97,6 +97,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
                               bank=bank, a_key=a_key, b_key=b_key, name=name)
         _set_submodule(model, name, layer)
     model.add_module(BANK_NAME, bank)
+    # a forward of the model casts each bank tensor once (bank.ForwardCasts); always_call closes it on an error
+    model.register_forward_pre_hook(bank.casts.start)
+    model.register_forward_hook(bank.casts.end, always_call=True)
     link_siblings(model)
     return model
 

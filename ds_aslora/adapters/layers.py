@@ -117,6 +117,17 @@ class AdapterLinear(nn.Module):
             return self._bank[0].get(self.b_key)
         return self._tie[0].lora_B if self._tie else self.lora_B
 
+    def cast_A(self, dtype: torch.dtype, A: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``A`` (by default ``weight_A``; a sibling passes what it peeked) in ``dtype``: a bank A
+        is cast once per forward of the model (``bank.ForwardCasts``)."""
+        A = self.weight_A if A is None else A
+        return self._bank[0].casts.cast(A, self.a_key, dtype) if self.a_key else A.to(dtype)
+
+    def cast_B(self, dtype: torch.dtype) -> torch.Tensor:
+        """``weight_B`` in ``dtype``: a bank B once per forward of the model."""
+        B = self.weight_B
+        return self._bank[0].casts.cast(B, self.b_key, dtype) if self.b_key else B.to(dtype)
+
     @property
     def is_tied(self) -> bool:
         return bool(self._tie)
@@ -150,13 +161,13 @@ class AdapterLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         dtype = self.compute_dtype(x)
         if self.dropout > 0 and self.training:
-            projected = F.linear(F.dropout(x.to(dtype), self.dropout), self.weight_A.to(dtype))
+            projected = F.linear(F.dropout(x.to(dtype), self.dropout), self.cast_A(dtype))
         elif self.siblings is not None:
             projected = self.siblings.projection(self, x, dtype)
         else:
-            projected = F.linear(x.to(dtype), self.weight_A.to(dtype))
+            projected = F.linear(x.to(dtype), self.cast_A(dtype))
         retired = self.lora_B if self._tie else None
-        out = _LowRankUpdate.apply(result.to(dtype), projected, self.weight_B.to(dtype), self.scaling, retired)
+        out = _LowRankUpdate.apply(result.to(dtype), projected, self.cast_B(dtype), self.scaling, retired)
         return out.to(result.dtype)
 
     def extra_repr(self) -> str:

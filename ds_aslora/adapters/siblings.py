@@ -64,7 +64,7 @@ class SiblingProjections:
         if torch.compiler.is_compiling() or x.is_inference():
             # inference tensors keep no version counter; under torch.compile the cache's guards would
             # break the graph at every layer: each layer its own projection (the compiler may fuse them)
-            return F.linear(x.to(dtype), layer.weight_A.to(dtype))
+            return F.linear(x.to(dtype), layer.cast_A(dtype))
         key = (x._version, torch.is_grad_enabled(), dtype)
         for seen in self._inputs.values():
             if seen.tensor() is x and seen.key == key and id(layer) in seen.pending:
@@ -75,7 +75,7 @@ class SiblingProjections:
             if m is not layer and A is not None and _unmanaged(A) and m.compute_dtype(x) == dtype:
                 joint.append(m)
                 factors.append(A)
-        projections = _project(x.to(dtype), factors, dtype)
+        projections = _project(x.to(dtype), joint, factors, dtype)
         pending = {id(m): p for m, p in zip(joint[1:], projections[1:], strict=True)}
         self._inputs[id(layer)] = _Input(weakref.ref(x), key, pending)
         return projections[0]
@@ -115,12 +115,14 @@ class _JointProjection(torch.autograd.Function):
         return (grad_x, *grad_factors)
 
 
-def _project(x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[x @ A^T for A in factors]`` in one matmul; a factor listed twice is computed once."""
-    distinct: list[torch.Tensor] = []
-    for A in factors:
-        if not any(A is d for d in distinct):
-            distinct.append(A)
-    columns = ((F.linear(x, distinct[0].to(dtype)),) if len(distinct) == 1
-               else _JointProjection.apply(x, *(A.to(dtype) for A in distinct)))
-    return [columns[next(i for i, d in enumerate(distinct) if d is A)] for A in factors]
+def _project(x: torch.Tensor, members: list["AdapterLinear"], factors: list[torch.Tensor],
+             dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[x @ A^T for A in factors]`` (``factors[i]`` is ``members[i]``'s A) in one matmul; a factor
+    listed twice is computed once."""
+    distinct: list[int] = []  # the first member of each distinct factor
+    for i, A in enumerate(factors):
+        if not any(A is factors[j] for j in distinct):
+            distinct.append(i)
+    casts = [members[i].cast_A(dtype, factors[i]) for i in distinct]
+    columns = (F.linear(x, casts[0]),) if len(casts) == 1 else _JointProjection.apply(x, *casts)
+    return [columns[next(k for k, j in enumerate(distinct) if factors[j] is A)] for A in factors]

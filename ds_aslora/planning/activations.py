@@ -23,9 +23,10 @@ class _Adapted:
     r: int
     d_in: int
     d_out: int
-    a_cast: bool  # A is a bank tensor in another dtype: each use saves a working-dtype copy
+    a_cast: bool  # A is a bank tensor in another dtype: the forward saves one working-dtype copy
     b_cast: bool
     a_key: Optional[str]  # siblings (q/k/v, gate/up) sharing one bank A project (and cast) it once
+    b_key: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ActivationEstimate:
 
     formula: str                      # "llama" (tensor-by-tensor) or "standard" (Korthikanti et al. 2022)
     per_layer: tuple[int, ...]        # saved for backward by each decoder layer, no checkpointing
+    layer_casts: tuple[int, ...]      # the bank copies each layer makes when it runs alone (a recompute)
+    bank_casts: int                   # the bank copies one forward of the whole model makes, once each
     rotary: int                       # cos/sin, saved once for all layers
     head: int                         # final norm input, fp32 log-probs, labels, loss
     head_transient: int               # logits and their fp32 copy while the loss is computed
@@ -43,7 +46,7 @@ class ActivationEstimate:
     @property
     def saved(self) -> int:
         """What autograd holds at the end of the forward without checkpointing."""
-        return sum(self.per_layer) + self.rotary + self.head
+        return sum(self.per_layer) + self.bank_casts + self.rotary + self.head
 
     @property
     def no_checkpointing(self) -> int:
@@ -51,9 +54,10 @@ class ActivationEstimate:
 
     @property
     def checkpointing(self) -> int:
-        """Per-layer inputs, plus one layer recomputed in full during its backward."""
-        return (len(self.per_layer) * self.boundary + max(self.per_layer, default=0) + self.rotary
-                + self.head + self.head_transient)
+        """Per-layer inputs, plus one layer recomputed in full during its backward (with its own
+        bank copies: a recompute runs outside the model's forward, which holds one of each)."""
+        recomputed = max((p + c for p, c in zip(self.per_layer, self.layer_casts, strict=True)), default=0)
+        return len(self.per_layer) * self.boundary + recomputed + self.rotary + self.head + self.head_transient
 
 
 def _layer_dims(config) -> tuple[int, int, int, int, int, int]:
@@ -64,10 +68,13 @@ def _layer_dims(config) -> tuple[int, int, int, int, int, int]:
 
 
 def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, dropout: bool, mask: int,
-                 attention: str, tokens: int, seq_len: int, siblings: bool) -> tuple[int, bool]:
-    """Bytes one HF Llama/Mistral/Qwen2 decoder layer saves for backward; and whether its rotary
-    embedding is saved. The base is frozen, so a tensor is saved only where some gradient needs
-    it: nothing upstream of the first adapter of layer 0 requires grad (embeddings are frozen)."""
+                 attention: str, tokens: int, seq_len: int, siblings: bool,
+                 bank_casts: dict[str, int]) -> tuple[int, int, bool]:
+    """Bytes one HF Llama/Mistral/Qwen2 decoder layer saves for backward, without and with only its
+    bank copies (run alone); and whether its rotary embedding is saved. ``bank_casts``: the bank copies
+    it saves, by key, added to what one forward of the model holds once. The base is frozen, so a tensor
+    is saved only where some gradient needs it: nothing upstream of the first adapter of layer 0
+    requires grad (embeddings are frozen)."""
     h, qd, kvd, f, a, _ = _layer_dims(config)
     tok, const = 0, 0
 
@@ -82,10 +89,12 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
             tok += d * info.r  # A's output, kept for B's gradient
         if dropout:  # the dropped copy (for A's gradient) and, if the input needs a gradient, the mask
             tok += d * d_in + (mask * d_in if input_rg else 0)
-        if info.a_cast and input_rg and not again:
-            const += d * info.r * d_in
+        if info.a_cast and input_rg:
+            const += 0 if again else d * info.r * d_in
+            bank_casts[info.a_key] = d * info.r * d_in
         if info.b_cast:
             const += d * info.d_out * info.r
+            bank_casts[info.b_key] = d * info.d_out * info.r
 
     has = adapted.__contains__
     g = not first  # the layer's input requires grad
@@ -123,7 +132,7 @@ def _llama_layer(first: bool, adapted: dict[str, _Adapted], config, *, d: int, d
         if not dropout:
             tok += d * f
         lora("down_proj", f, gate_rg or up_rg)
-    return tok * tokens + const, g or has("q_proj") or has("k_proj")  # rotary: q or k needs a gradient
+    return tok * tokens, const, g or has("q_proj") or has("k_proj")  # rotary: q or k needs a gradient
 
 
 def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, seq_len: int,
@@ -142,9 +151,9 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     ZeRO-3); the normed input d·h for q/k/v and for gate/up adapters; down's input d·f if adapted;
     with dropout a dropped copy and mask per adapter (``dropout_mask_bytes``: 1 on CUDA, whose fused
     dropout keeps a bool mask; d on CPU). The rotary cos/sin, 2·d·head_dim per position, are kept
-    once. A bank tensor kept in fp32 while the layers run in 16 bit is cast at every use and autograd
-    keeps each copy: d·r·(d_in or d_out) per adapted module, independent of tokens (once for siblings
-    sharing the A). The head keeps the final
+    once. A bank tensor kept in fp32 while the layers run in 16 bit is cast once per forward of the model
+    and autograd keeps that copy: d·r·(d_in or d_out) per bank key, independent of tokens (a layer
+    recomputed under checkpointing casts its own, once for siblings sharing the A). The head keeps the final
     norm's fp32 input and fp32 log-probs (4V per token); while the loss runs, the logits and
     their fp32 copy, (d + 4)·V per token, are also live. With checkpointing (one segment per
     decoder layer, as transformers does) each layer keeps its input, d·h per token, and the
@@ -162,7 +171,7 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
     standard = L * tokens * (34 * h + 5 * a * seq_len)
     if getattr(config, "model_type", None) not in LLAMA_LIKE:
         per_layer = tokens * (34 * h + 5 * a * seq_len)
-        return ActivationEstimate("standard", (per_layer,) * L, 0, 0, 0, 2 * tokens * h, standard)
+        return ActivationEstimate("standard", (per_layer,) * L, (0,) * L, 0, 0, 0, 0, 2 * tokens * h, standard)
     cfg = adapter_config(model)
     bank_cast = shared_mode == "replicated" and d != 4  # the replicated bank stays fp32
     layers: list[dict[str, _Adapted]] = [{} for _ in range(L)]
@@ -172,17 +181,19 @@ def activation_bytes(model: nn.Module, *, dtype_bytes: int, micro_batch: int, se
             raise ValueError(f"adapter {name} is outside the decoder layers; activation_bytes cannot place it")
         layers[i][module_type(name)] = _Adapted(layer.r, layer.in_features, layer.out_features,
                                                 bank_cast and layer.a_key is not None,
-                                                bank_cast and layer.b_key is not None, layer.a_key)
-    per_layer, rotary_saved = [], False
+                                                bank_cast and layer.b_key is not None, layer.a_key, layer.b_key)
+    per_layer, layer_casts, bank_casts, rotary_saved = [], [], {}, False
     for i, adapted in enumerate(layers):
-        saved, rope = _llama_layer(i == 0, adapted, config, d=d, dropout=cfg.dropout > 0, mask=dropout_mask_bytes,
-                                   attention=attention, tokens=tokens, seq_len=seq_len, siblings=siblings)
+        saved, casts, rope = _llama_layer(i == 0, adapted, config, d=d, dropout=cfg.dropout > 0,
+                                          mask=dropout_mask_bytes, attention=attention, tokens=tokens,
+                                          seq_len=seq_len, siblings=siblings, bank_casts=bank_casts)
         per_layer.append(saved)
+        layer_casts.append(casts)
         rotary_saved |= rope
     head_dim = _layer_dims(config)[5]
     rotary = 2 * d * head_dim * seq_len if rotary_saved else 0  # position ids are shared by the batch
     # labels: int64, padded by one; the shifted view is copied when the batch has several rows
     labels = 8 * (seq_len + 1) if micro_batch == 1 else 8 * tokens
     head = tokens * (4 * h + 4 + 4 * V) + labels + 4
-    return ActivationEstimate("llama", tuple(per_layer), rotary, head, (d + 4) * V * tokens,
-                              d * h * tokens, standard)
+    return ActivationEstimate("llama", tuple(per_layer), tuple(layer_casts), sum(bank_casts.values()), rotary, head,
+                              (d + 4) * V * tokens, d * h * tokens, standard)
