@@ -388,7 +388,27 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std}"
 
 
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def compare(runs: list[dict], reference: list[dict], higher: bool) -> tuple[float, float, bool]:
+    """(how much worse than the reference, in the metric's units; the larger seed-to-seed std of the
+    two; whether the gap is within it). Worse is positive whichever way the metric points."""
+    mine, theirs = [r["test"] for r in runs], [r["test"] for r in reference]
+    worse = (statistics.mean(theirs) - statistics.mean(mine)) * (1 if higher else -1)
+    noise = max(spread(mine), spread(theirs))
+    return worse, noise, worse <= noise
+
+
+def changed(variant: str) -> str:
+    """What an ablation changes in ASLoRA's flags."""
+    return ", ".join(f"{k}={v}" for k, v in ABLATIONS[variant].items() if ASLORA.get(k) != v)
+
+
 def report(saved: dict, tasks: list[str]) -> str:
+    """Per task: the methods at their best lr, the ablations beside default ASLoRA, and the claims
+    held or not (a gap within the seed-to-seed spread counts as held)."""
     out = []
     for name in tasks:
         task, higher = TASKS[name], TASKS[name].scorer.higher_is_better
@@ -396,25 +416,47 @@ def report(saved: dict, tasks: list[str]) -> str:
         base = saved.get("base", {}).get(name)
         if base is None:
             continue
+        picks = {v: p for v in VARIANTS if (p := chosen(saved, name, v, higher)) is not None}
+        lora = picks["LoRA"][1][0]["trainable"] if "LoRA" in picks else None
+        def size(runs: list[dict], lora: Optional[int] = lora) -> tuple[str, str]:
+            """(trainable at start -> end, end as % of LoRA's)."""
+            params, start = runs[0]["trainable"], runs[0]["trainable_start"]
+            shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
+            return shown, (f"{100 * params / lora:.1f}%" if lora else "?")
+
         out += [f"### {task.title}", "",
                 f"Base model (no adapter): {metric} {base['val']:.3f} validation, {base['test']:.3f} test. "
                 f"Test {metric}: mean ± std over the seeds at the method's best validation lr.", "",
                 f"| method | trainable params | % of LoRA | validation {metric} by lr (seed 0) | best lr "
                 f"| test {metric} | seeds |", "|---|---|---|---|---|---|---|"]
-        lora_runs = runs_of(saved, name, "LoRA")
-        lora = lora_runs[0]["trainable"] if lora_runs else None
-        for variant in VARIANTS:
-            pick = chosen(saved, name, variant, higher)
-            if pick is None:
-                continue
-            lr, runs = pick
+        for variant in (v for v in METHODS if v in picks):
+            lr, runs = picks[variant]
             sweep = sorted((r["lr"], r["val"]) for r in runs_of(saved, name, variant) if r["seed"] == 0)
             shown_sweep = ", ".join(f"{x:g}: {v:.3f}" for x, v in sweep)
-            params, start = runs[0]["trainable"], runs[0]["trainable_start"]
-            shown = f"{start:,} -> {params:,}" if params != start else f"{params:,}"
-            share = f"{100 * params / lora:.1f}%" if lora else "?"
-            out.append(f"| {variant} | {shown} | {share} | {shown_sweep} | {lr:g} "
+            out.append(f"| {variant} | {' | '.join(size(runs))} | {shown_sweep} | {lr:g} "
                        f"| {mean_std([r['test'] for r in runs])} | {len(runs)} |")
+        ablations = [v for v in ABLATIONS if v in picks]
+        if ablations and "ASLoRA" in picks:
+            out += ["", f"ASLoRA ablations (each at ASLoRA's best lr, {picks['ASLoRA'][0]:g}; worse: how far "
+                    f"below default ASLoRA, in {metric}):", "",
+                    f"| variant | changes | trainable params | % of LoRA | test {metric} | worse than ASLoRA "
+                    f"| seeds |", "|---|---|---|---|---|---|---|",
+                    f"| ASLoRA | (default) | {' | '.join(size(picks['ASLoRA'][1]))} "
+                    f"| {mean_std([r['test'] for r in picks['ASLoRA'][1]])} | | {len(picks['ASLoRA'][1])} |"]
+            for variant in ablations:
+                runs = picks[variant][1]
+                worse = compare(runs, picks["ASLoRA"][1], higher)[0]
+                out.append(f"| {variant} | {changed(variant)} | {' | '.join(size(runs))} "
+                           f"| {mean_std([r['test'] for r in runs])} | {worse:+.3f} | {len(runs)} |")
+        if "LoRA" in picks:
+            out += ["", f"Against LoRA ({metric}; held: the gap is within the larger seed-to-seed std of the "
+                    "two):", ""]
+            for variant in (v for v in VARIANTS if v in picks and v != "LoRA"):
+                runs = picks[variant][1]
+                worse, noise, held = compare(runs, picks["LoRA"][1], higher)
+                out.append(f"- {variant}: {abs(worse):.3f} {'worse' if worse > 0 else 'better'} than LoRA "
+                           f"(std {noise:.3f}, {len(runs)} seeds) with {size(runs)[1]} of its parameters: "
+                           f"{'held' if held else 'did not hold'}")
         out.append("")
     return "\n".join(out)
 

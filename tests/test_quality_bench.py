@@ -64,3 +64,40 @@ def test_the_sweep_extends_past_an_edge_best_and_stops_at_an_inner_one():
     assert inner.best_lr("LoRA") == pytest.approx(1e-3) and len(set(inner.asked)) == 3
     flat = FakeStudy(lambda lr: 0.5, True, budget)  # ties go to the smaller lr, then the grid extends down
     assert flat.best_lr("LoRA") == pytest.approx(3e-4 * 0.09)
+
+
+def _record(task, tests_by_variant):
+    """A study record: the sweep's seed 0 at lr 1e-3 and (only there) the seeds."""
+    runs = {}
+    for variant, tests in tests_by_variant.items():
+        start = 1000 if variant != "LoRA" else 4000
+        for seed, test in enumerate(tests):
+            runs[quality.run_key(task, variant, 1e-3, seed)] = dict(
+                task=task, variant=variant, lr=1e-3, seed=seed, val=test, test=test,
+                trainable_start=start, trainable=start // 2 if "ASLoRA" in variant else start)
+        runs[quality.run_key(task, variant, 1e-2, 0)] = dict(
+            task=task, variant=variant, lr=1e-2, seed=0, val=tests[0] * 0.5 if task == "sentiment" else 1e3,
+            test=0.0, trainable_start=start, trainable=start)
+    return {"runs": runs, "base": {task: {"val": 0.5, "test": 0.5}}}
+
+
+def test_report_splits_methods_and_ablations_and_judges_each_claim_by_the_seed_spread():
+    saved = _record("sentiment", {
+        "LoRA": [0.85, 0.86, 0.84],                # std 0.010
+        "ShareLoRA A": [0.845, 0.85, 0.84],        # 0.005 worse: within
+        "ASLoRA": [0.80, 0.81, 0.79],              # 0.050 worse: beyond
+        "ASLoRA lam=1.0": [0.83, 0.84, 0.82],
+    })
+    text = quality.report(saved, ["sentiment"])
+    methods, ablations = text.split("ASLoRA ablations")
+    assert "| ShareLoRA A | 1,000 | 25.0% | 0.001: 0.845, 0.01: 0.422 | 0.001 | 0.845 ± 0.005 | 3 |" in methods
+    assert "lam=1.0" not in methods
+    assert "| ASLoRA lam=1.0 | merge_lam=1.0 | 1,000 -> 500 | 12.5% | 0.830 ± 0.010 | -0.030 | 3 |" in ablations
+    assert "- ShareLoRA A: 0.005 worse than LoRA (std 0.010, 3 seeds) with 25.0% of its parameters: held" in text
+    assert "- ASLoRA: 0.050 worse than LoRA (std 0.010, 3 seeds) with 12.5% of its parameters: did not hold" in text
+
+
+def test_report_judges_perplexity_lower_is_better():
+    saved = _record("shakespeare", {"LoRA": [20.0, 21.0, 19.0], "ASLoRA": [18.0, 18.5, 17.5]})
+    text = quality.report(saved, ["shakespeare"])
+    assert "- ASLoRA: 2.000 better than LoRA (std 1.000, 3 seeds) with 12.5% of its parameters: held" in text
