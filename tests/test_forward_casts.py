@@ -129,3 +129,27 @@ def test_no_grad_and_inference_mode_forwards_give_the_same_logits():
     with torch.inference_mode():
         assert torch.equal(ours(ids).logits, want)
     assert_equal(run(ours, ids), run(ref, ids))  # training after inference: no inference tensor kept
+
+
+def test_a_trainer_calling_the_decoder_itself_also_casts_once():
+    ours, _ = pair("aslora")
+    bank = find_bank(ours)
+    with CountBankCasts({tuple(p.shape) for p in bank.parameters()}) as casts:
+        ours.get_decoder()(tokens())
+    assert casts.count == len(bank.keys()) and bank.casts.open is False
+
+
+def test_adapters_made_under_inference_mode_serve_with_a_plain_cast():
+    """A serving script may load the adapters under inference_mode: inference tensors keep no version
+    counter, so their copies are not kept (a plain cast at each use, as before)."""
+    ids = tokens()
+    logits = []
+    for inference in (True, False):
+        with torch.inference_mode(inference):
+            model = inject_adapters(tiny_model(num_key_value_heads=4),
+                                    AdapterConfig(r=4, method="sharelora", share="AB", scope="qkv"))
+            randomize_adapters(model)
+            as_under_deepspeed(model)
+        with torch.inference_mode():
+            logits.append(model(ids).logits)
+    assert torch.equal(*logits)

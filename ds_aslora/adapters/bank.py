@@ -42,7 +42,8 @@ class ForwardCasts:
     each use, a forward runs one cast per layer and autograd saves every copy. Open from the model's
     forward pre-hook to its forward hook, the first use casts and the others read that copy (the
     same numbers and the same gradients, bit for bit). Closed (a layer called alone, an activation
-    checkpointing recompute in the backward), each use casts as before."""
+    checkpointing recompute in the backward), each use casts as before. A forward cut by a
+    ``BaseException`` other than ``Exception`` (Ctrl-C) leaves it open; the next forward clears it."""
 
     def __init__(self) -> None:
         self.open = False
@@ -58,8 +59,10 @@ class ForwardCasts:
 
     def cast(self, tensor: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
         """``tensor`` (the bank's ``key``) in ``dtype``."""
-        if (tensor.dtype == dtype or not self.open or hasattr(tensor, "ds_id")  # ZeRO-3 manages it
-                or torch.compiler.is_compiling()):  # the compiler fuses casts itself; a dict would break its graph
+        if (torch.compiler.is_compiling()  # first: the compiler fuses casts itself, and must not guard on `open`
+                or tensor.dtype == dtype or not self.open
+                or hasattr(tensor, "ds_id")  # ZeRO-3 manages it
+                or tensor.is_inference()):  # no version counter (adapters made under inference_mode)
             return tensor.to(dtype)
         slot, stamp = (key, dtype, torch.is_inference_mode_enabled()), (tensor._version, tensor.data_ptr())
         held = self._copies.get(slot)

@@ -75,6 +75,12 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Lin
     return found
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -97,9 +103,11 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
                               bank=bank, a_key=a_key, b_key=b_key, name=name)
         _set_submodule(model, name, layer)
     model.add_module(BANK_NAME, bank)
-    # a forward of the model casts each bank tensor once (bank.ForwardCasts); always_call closes it on an error
-    model.register_forward_pre_hook(bank.casts.start)
-    model.register_forward_hook(bank.casts.end, always_call=True)
+    # A forward casts each bank tensor once (bank.ForwardCasts): the model's and, for a trainer that
+    # calls the decoder itself (a chunked loss), the decoder's; always_call closes it on an Exception.
+    for module in {id(m): m for m in (model, _decoder(model))}.values():
+        module.register_forward_pre_hook(bank.casts.start)
+        module.register_forward_hook(bank.casts.end, always_call=True)
     link_siblings(model)
     return model
 
