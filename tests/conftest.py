@@ -86,3 +86,11 @@ def assets(tmp_path_factory):
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": row}) + "\n" for row in rows)
     return {"base": base, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "root": root}
+
+
+def logits_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One forward and backward with the ids as labels: the logits and every trainable gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model, tokens
+from conftest import logits_and_grads, randomize_adapters, tiny_model, tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_aslora import AdapterConfig, inject_adapters
@@ -60,11 +60,7 @@ class CountBankCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def run(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+run = logits_and_grads
 
 
 def assert_equal(got, want):

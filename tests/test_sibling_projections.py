@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_model, tokens
+from conftest import logits_and_grads, randomize_adapters, tiny_model, tokens
 from peft import LoraConfig, get_peft_model
 
 import ds_aslora.adapters.siblings as siblings_module
@@ -39,11 +39,7 @@ def pair(method: str, **model_overrides):
     return ours, ref
 
 
-def run(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+run = logits_and_grads
 
 
 def assert_same(got, want):
