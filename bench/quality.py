@@ -14,7 +14,8 @@ from its compact export. The protocol, per task:
 1. **sweep**: each method at every learning rate of the grid (seed 0), scored on the validation
    split; where a method's best lr sits on the grid's edge, the grid is extended one step that way
    (at most twice per side), so no method is judged at a rate that was still improving;
-2. **seeds**: each method at its best validation lr over the budget's seeds, scored on test;
+2. **seeds**: each method at its best validation lr over the budget's seeds, scored on test (a
+   sweep run's test split is scored only once its lr is chosen);
 3. **ablations**: ASLoRA variants (merged value, distance, merge window, static grouping) at
    ASLoRA's best lr, over the same seeds.
 
@@ -319,15 +320,17 @@ class Study:
         with open(self.record, "w") as f:
             json.dump(self.saved, f, indent=2)
 
-    def run(self, variant: str, lr: float, seed: int) -> dict:
+    def run(self, variant: str, lr: float, seed: int, test: bool = True) -> dict:
+        """The run's record, trained and scored once. ``test=False`` (the sweep) leaves the test split
+        unscored (``None``) until the run is chosen: a sweep run's test score is never reported."""
         key = run_key(self.name, variant, lr, seed)
+        out = os.path.join(self.work, f"{variant}-lr{lr:g}-seed{seed}".replace(" ", "_"))
+        adapter = os.path.join(out, "adapter", "compact")
         if key not in self.saved["runs"]:
-            out = os.path.join(self.work, f"{variant}-lr{lr:g}-seed{seed}".replace(" ", "_"))
             summary = train(variant, lr, seed, self.budget, self.task, self.data, out)
-            adapter = os.path.join(out, "adapter", "compact")
             self.saved["runs"][key] = {
                 "task": self.name, "variant": variant, "lr": lr, "seed": seed,
-                "val": self.scorer("val", adapter), "test": self.scorer("test", adapter),
+                "val": self.scorer("val", adapter), "test": self.scorer("test", adapter) if test else None,
                 "trainable_start": summary["trainable"],
                 "trainable": summary.get("trainable_after_merges", summary["trainable"]),
                 "live_groups": summary.get("live_B_groups"),
@@ -335,8 +338,13 @@ class Study:
             self.save()
             shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)  # 117 MB a run; the adapter stays
             r = self.saved["runs"][key]
-            print(f"{key}: val {r['val']:.3f}, test {r['test']:.3f}, {r['trainable']:,} trainable, "
-                  f"{r['wall_seconds']:.0f} s", flush=True)
+            scored = f"test {r['test']:.3f}" if test else "test when chosen"
+            print(f"{key}: val {r['val']:.3f}, {scored}, {r['trainable']:,} trainable, {r['wall_seconds']:.0f} s",
+                  flush=True)
+        elif test and self.saved["runs"][key]["test"] is None:  # a sweep run, now chosen: its adapter stays
+            self.saved["runs"][key]["test"] = self.scorer("test", adapter)
+            self.save()
+            print(f"{key}: test {self.saved['runs'][key]['test']:.3f}", flush=True)
         return self.saved["runs"][key]
 
     def best_lr(self, variant: str) -> float:
@@ -344,7 +352,8 @@ class Study:
         grid = sorted(self.budget.learning_rates)
         step, added = (grid[1] / grid[0] if len(grid) > 1 else 1.0), {"low": 0, "high": 0}
         while True:
-            best = best_of({lr: self.run(variant, lr, 0)["val"] for lr in grid}, self.scorer.higher_is_better)
+            scores = {lr: self.run(variant, lr, 0, test=False)["val"] for lr in grid}
+            best = best_of(scores, self.scorer.higher_is_better)
             if best == grid[0] and added["low"] < self.budget.extensions:
                 grid.insert(0, grid[0] / step)
                 added["low"] += 1
@@ -352,6 +361,7 @@ class Study:
                 grid.append(grid[-1] * step)
                 added["high"] += 1
             else:
+                self.run(variant, best, 0)  # its test score, now that it is chosen
                 return best
 
     def full(self, methods: list[str], ablations: list[str]) -> None:
@@ -375,12 +385,14 @@ def runs_of(saved: dict, task: str, variant: str) -> list[dict]:
 
 
 def chosen(saved: dict, task: str, variant: str, higher: bool) -> Optional[tuple[float, list[dict]]]:
-    """(best validation lr, that lr's runs over seeds), from the recorded runs."""
+    """(best validation lr, that lr's runs over seeds), from the recorded runs; None until the best
+    lr's test score is in (a sweep still running)."""
     sweep = {r["lr"]: r["val"] for r in runs_of(saved, task, variant) if r["seed"] == 0}
     if not sweep:
         return None
     lr = best_of(sweep, higher)
-    return lr, [r for r in runs_of(saved, task, variant) if r["lr"] == lr]
+    runs = [r for r in runs_of(saved, task, variant) if r["lr"] == lr and r["test"] is not None]
+    return (lr, runs) if runs else None
 
 
 def mean_std(values: list[float]) -> str:

@@ -48,7 +48,7 @@ class FakeStudy(quality.Study):
         self.curve, self.budget, self.asked = curve, budget, []
         self.scorer = type("S", (), {"higher_is_better": higher})()
 
-    def run(self, variant, lr, seed):
+    def run(self, variant, lr, seed, test=True):
         self.asked.append(round(lr, 12))
         return {"val": self.curve(lr)}
 
@@ -101,3 +101,31 @@ def test_report_judges_perplexity_lower_is_better():
     saved = _record("shakespeare", {"LoRA": [20.0, 21.0, 19.0], "ASLoRA": [18.0, 18.5, 17.5]})
     text = quality.report(saved, ["shakespeare"])
     assert "- ASLoRA: 2.000 better than LoRA (std 1.000, 3 seeds) with 12.5% of its parameters: held" in text
+
+
+def test_the_sweep_scores_the_test_split_only_at_the_chosen_lr(monkeypatch, tmp_path):
+    """Sweep runs skip the test split (a third of a run's time) until their lr is chosen; an interim
+    report leaves out a method whose chosen run is not scored yet."""
+    scored = []
+
+    class Scorer:
+        higher_is_better = True
+
+        def __call__(self, split, adapter_dir):
+            scored.append((split, os.path.basename(os.path.dirname(os.path.dirname(adapter_dir)))))
+            return 1.0 - abs(float(adapter_dir.split("-lr")[1].split("-")[0]) - 1e-3)
+
+    monkeypatch.setattr(quality, "train", lambda *args: {"trainable": 10, "wall_seconds": 1.0, "final_loss": 0.1})
+    study = quality.Study.__new__(quality.Study)
+    task = quality.TASKS["sentiment"]
+    study.name, study.task, study.budget, study.scorer = "sentiment", task, task.budget, Scorer()
+    study.saved, study.record, study.work, study.data = {"runs": {}}, str(tmp_path / "q.json"), str(tmp_path), ""
+    assert study.best_lr("LoRA") == pytest.approx(1e-3)
+    assert [s for s in scored if s[0] == "test"] == [("test", "LoRA-lr0.001-seed0")]
+    assert sorted(r["test"] is None for r in study.saved["runs"].values()) == [False, True, True]
+    study.run("LoRA", 1e-3, 0)  # the seeds step asks again: nothing is scored twice
+    assert len(scored) == 4
+    study.saved["runs"][quality.run_key("sentiment", "LoRA", 1e-3, 0)]["test"] = None  # killed before scoring
+    assert quality.chosen(study.saved, "sentiment", "LoRA", True) is None
+    study.run("LoRA", 1e-3, 0)
+    assert quality.chosen(study.saved, "sentiment", "LoRA", True)[0] == pytest.approx(1e-3) and len(scored) == 5
