@@ -444,7 +444,7 @@ def report(saved: dict, tasks: list[str]) -> str:
         for variant in (v for v in METHODS if v in picks):
             lr, runs = picks[variant]
             sweep = sorted((r["lr"], r["val"]) for r in runs_of(saved, name, variant) if r["seed"] == 0)
-            shown_sweep = ", ".join(f"{x:g}: {v:.3f}" for x, v in sweep)
+            shown_sweep = ", ".join(f"{x:.3g}: {v:.3f}" for x, v in sweep)
             out.append(f"| {variant} | {' | '.join(size(runs))} | {shown_sweep} | {lr:g} "
                        f"| {mean_std([r['test'] for r in runs])} | {len(runs)} |")
         ablations = [v for v in ABLATIONS if v in picks]
@@ -482,10 +482,12 @@ def plot(saved: dict, name: str, path: str) -> None:
 
     task = TASKS[name]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    picks = []
     for variant in VARIANTS:
         pick = chosen(saved, name, variant, task.scorer.higher_is_better)
         if pick is None:
             continue
+        picks.append(pick[1])
         values = [r["test"] for r in pick[1]]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         marker = "s" if variant in ABLATIONS else "o"
@@ -493,7 +495,9 @@ def plot(saved: dict, name: str, path: str) -> None:
                     label=variant)
     ax.axhline(saved["base"][name]["test"], color="grey", linestyle="--", label="base model")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
+    sizes = sorted({r[0]["trainable"] for r in picks})
+    ax.set_xticks(sizes, [f"{x / 1e3:,.0f}k" for x in sizes])  # the methods' sizes: decades may not show
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters (at the end of training)")
     ax.set_ylabel(f"test {task.scorer.metric} (mean ± std over seeds)")
     ax.set_title(f"SmolLM2-135M-Instruct: {task.title}", fontsize=9)
