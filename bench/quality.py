@@ -489,7 +489,7 @@ def plot(saved: dict, name: str, path: str) -> None:
             continue
         picks.append(pick[1])
         values = [r["test"] for r in pick[1]]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        std = spread(values)
         marker = "s" if variant in ABLATIONS else "o"
         ax.errorbar(pick[1][0]["trainable"], statistics.mean(values), yerr=std, fmt=marker, capsize=4,
                     label=variant)
