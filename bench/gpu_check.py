@@ -3,20 +3,19 @@
     python bench/gpu_check.py            # on a GPU machine
     DS_ACCELERATOR=cpu python bench/gpu_check.py --dry    # CPU, tiny shapes: the same code paths (CI)
 
-1. **Step time** on a ~1B LLaMA shape (``bench/configs/llama-1b.json``, random weights, bf16),
+1. **Host syncs and collectives per step** of ASLoRA (torch.profiler: ``aten::_local_scalar_dense``,
+   every ``.item()``/``float()`` of a device tensor, and the runtime's synchronize calls; collectives
+   from ``comm_audit``), and its **peak memory** at ZeRO-3 against ``launch/plan.py``'s prediction for
+   the same setup (GPU only). First, so that no engine built before it counts.
+2. **Step time** on a ~1B LLaMA shape (``bench/configs/llama-1b.json``, random weights, bf16),
    ZeRO-2 and ZeRO-3 at world 1: the frozen base (the floor), peft LoRA, our LoRA, ShareLoRA A and
    ASLoRA, alternated round by round (``step_bench.alternate``): s/step, tokens/s, x floor, x peft,
    and MFU (4 x parameters x tokens: forward and the input-gradient backward; the adapters' own
    FLOPs are a few percent) against the GPU's dense bf16 peak.
-2. **Host syncs and collectives per step** of ASLoRA (torch.profiler: ``aten::_local_scalar_dense``,
-   every ``.item()``/``float()`` of a device tensor, and the runtime's synchronize calls; collectives
-   from ``comm_audit``).
-3. **Peak memory** of the ASLoRA ZeRO-3 step against ``launch/plan.py``'s prediction for the same
-   setup (GPU only).
-4. **A 3-step ASLoRA job** through ``launch/train.py`` (the built-in tiny model): a merge, a save at
+3. **A 3-step ASLoRA job** through ``launch/train.py`` (the built-in tiny model): a merge, a save at
    step 2, then a resume to step 3.
 
-Prints one table; exits 1 if any part failed (the table says which).
+``--parts`` picks some of them. Prints one table; exits 1 if any part failed (the table says which).
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 
 # Dense bf16 peak of the GPUs we expect (TFLOP/s, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+PARTS = ("memory", "steps", "job")  # run in this order
 DRY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128)
 
@@ -120,8 +120,11 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()  # what earlier parts left behind: not this step's
     bench_args = step_bench_args(3, args)
     engine, bank, _ = step_bench.build("aslora", bench_args, shape)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # the steps' peak, not the build's
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
     for _ in range(2):
@@ -130,6 +133,7 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
     with audit_collectives() as record, profile(activities=activities) as prof:
         micro_step(engine, batch, bank)
         get_accelerator().synchronize()
+    states = torch.cuda.memory_allocated() - held if on_gpu else 0  # between steps: weights and optimizer
     counts = {e.key: e.count for e in prof.key_averages()}
     scalars = counts.get("aten::_local_scalar_dense", 0)
     syncs = sum(c for k, c in counts.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
@@ -147,7 +151,11 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
                                    AdapterConfig(method="aslora", r=args.r, alpha=2 * args.r))
         plan = memory_plan(meta, TrainSetup(zero_stage=3, nodes=1, gpus_per_node=dist.get_world_size(), dtype="bf16",
                                             micro_batch=args.batch, seq_len=args.seq))
-        measured, predicted = torch.cuda.max_memory_allocated(), plan.peak_gpu(checkpointing=False)
+        planned_states = plan.model_states[0]
+        table.add("ASLoRA ZeRO-3 step", "model states", f"{states / 2**30:.2f} GiB allocated between steps, "
+                  f"{planned_states / 2**30:.2f} GiB planned ({states / planned_states:.2f}x); "
+                  f"{held / 2**30:.2f} GiB held before it")
+        measured, predicted = torch.cuda.max_memory_allocated() - held, plan.peak_gpu(checkpointing=False)
         table.add("ASLoRA ZeRO-3 step", "peak memory", f"{measured / 2**30:.2f} GiB measured, "
                   f"{predicted / 2**30:.2f} GiB planned ({measured / predicted:.2f}x)")
     else:
@@ -198,6 +206,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
     args = parser.parse_args()
     if args.dry:
         args.batch, args.seq, args.repeats, args.warmup, args.r = 2, 16, 1, 1, 4
@@ -217,10 +226,13 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     table.add("machine", "device", f"{device}, torch {torch.__version__}, deepspeed {deepspeed.__version__}")
     try:
-        for stage in (2, 3):
-            table.run(f"ZeRO-{stage} step", step_times, args, shape, stage)
-        table.run("ASLoRA ZeRO-3 step", syncs_and_memory, args, shape)
-        table.run("ASLoRA job", job_merge_save_resume, args)
+        if "memory" in args.parts:  # first: engines built before it may leave memory behind
+            table.run("ASLoRA ZeRO-3 step", syncs_and_memory, args, shape)
+        if "steps" in args.parts:
+            for stage in (2, 3):
+                table.run(f"ZeRO-{stage} step", step_times, args, shape, stage)
+        if "job" in args.parts:
+            table.run("ASLoRA job", job_merge_save_resume, args)
     finally:
         dist.destroy_process_group()
         remove_shm_buffers(os.environ["MASTER_PORT"])
