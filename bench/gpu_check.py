@@ -5,13 +5,14 @@
 
 1. **Host syncs and collectives per step** of ASLoRA (torch.profiler: ``aten::_local_scalar_dense``,
    every ``.item()``/``float()`` of a device tensor, and the runtime's synchronize calls; collectives
-   from ``comm_audit``), and its **peak memory** at ZeRO-3 against ``launch/plan.py``'s prediction for
+   from ``comm_audit``), where each comes from (profiler stacks), and its **peak memory** at ZeRO-3 against ``launch/plan.py``'s prediction for
    the same setup (GPU only). First, so that no engine built before it counts.
 2. **Step time** on a ~1B LLaMA shape (``bench/configs/llama-1b.json``, random weights, bf16),
    ZeRO-2 and ZeRO-3 at world 1: the frozen base (the floor), peft LoRA, our LoRA, ShareLoRA A and
    ASLoRA, alternated round by round (``step_bench.alternate``): s/step, tokens/s, x floor, x peft,
    and MFU (4 x parameters x tokens: forward and the input-gradient backward; the adapters' own
-   FLOPs are a few percent) against the GPU's dense bf16 peak.
+   FLOPs are a few percent) against the GPU's dense bf16 peak; and, from one profiled step, the
+   share of its wall time the GPU spends in kernels and how many it launches (host-bound or not).
 3. **A 3-step ASLoRA job** through ``launch/train.py`` (the built-in tiny model): a merge, a save at
    step 2, then a resume to step 3.
 
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +40,8 @@ import torch  # noqa: E402
 
 # Dense bf16 peak of the GPUs we expect (TFLOP/s, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+# A host read of a tensor (.item(), float()), and the runtime's waits for the GPU.
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 PARTS = ("memory", "steps", "job")  # run in this order
 DRY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128)
@@ -81,6 +85,35 @@ def step_bench_args(stage: int, args) -> SimpleNamespace:
                            persistence_threshold=None, uncoalesced=False, no_sibling_reuse=False)
 
 
+def gpu_busy(engine, bank, ids: torch.Tensor) -> tuple[float, int]:
+    """(share of one step's wall time the GPU spends in kernels, kernels launched): far below 1,
+    the host cannot issue the step's work as fast as the GPU runs it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ds_aslora.runtime.step import micro_step
+
+    batch = {"input_ids": ids.to(engine.device), "labels": ids.to(engine.device)}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        micro_step(engine, batch, bank)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e6 / wall, len(kernels)
+
+
+def sync_sources(prof) -> str:
+    """Where a profiled step's host syncs come from: the innermost frame outside torch (its optimizers
+    excepted), with counts."""
+    counts: Counter = Counter()
+    for e in prof.events():
+        if e.name in SYNC_EVENTS:
+            frames = [f for f in (e.stack or []) if not f.startswith("<built-in")
+                      and ("torch/" not in f or "torch/optim/" in f)]
+            counts[frames[0].split("site-packages/")[-1] if frames else "?"] += 1
+    return "; ".join(f"{n} {where}" for where, n in counts.most_common())
+
+
 def step_times(table: Table, args, shape: dict, stage: int) -> None:
     import deepspeed.comm as dist
     import step_bench
@@ -99,6 +132,9 @@ def step_times(table: Table, args, shape: dict, stage: int) -> None:
     for variant, t in times.items():
         median = statistics.median(t)
         mfu = f", MFU {4 * n_params * tokens / median / (peak * 1e12):.1%}" if peak else ""
+        if torch.cuda.is_available():
+            busy, kernels = gpu_busy(jobs[variant][0], jobs[variant][1], ids)
+            mfu += f", GPU busy {busy:.0%} ({kernels:,} kernels)"
         table.add(f"ZeRO-{stage} step", variant,
                   f"{median:.3f} s ({min(t):.3f}-{max(t):.3f}), {tokens / median:,.0f} tok/s, "
                   f"{median / floor:.2f}x floor, {median / peft:.2f}x peft{mfu}")
@@ -110,6 +146,7 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
     import deepspeed.comm as dist
     import step_bench
     from deepspeed.accelerator import get_accelerator
+    from torch._C._profiler import _ExperimentalConfig
     from torch.profiler import ProfilerActivity, profile
 
     from ds_aslora.planning.memory import TrainSetup, memory_plan
@@ -130,15 +167,16 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
     for _ in range(2):
         micro_step(engine, batch, bank)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with audit_collectives() as record, profile(activities=activities) as prof:
+    with audit_collectives() as record, profile(activities=activities, with_stack=True,
+                                                experimental_config=_ExperimentalConfig(verbose=True)) as prof:
         micro_step(engine, batch, bank)
         get_accelerator().synchronize()
     states = torch.cuda.memory_allocated() - held if on_gpu else 0  # between steps: weights and optimizer
     counts = {e.key: e.count for e in prof.key_averages()}
     scalars = counts.get("aten::_local_scalar_dense", 0)
-    syncs = sum(c for k, c in counts.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                          "cudaEventSynchronize"))
+    syncs = sum(c for k, c in counts.items() if k in SYNC_EVENTS[1:])
     table.add("ASLoRA ZeRO-3 step", "host syncs", f"{scalars} scalar reads to host, {syncs} synchronize calls")
+    table.add("ASLoRA ZeRO-3 step", "their sources", sync_sources(prof))
     table.add("ASLoRA ZeRO-3 step", "collectives", f"{len(record.calls)} calls, {record.bytes() / 2**20:.2f} MB "
               f"({record.count('ds_aslora')} ours)")
     if on_gpu:
