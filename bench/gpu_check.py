@@ -5,8 +5,9 @@
 
 1. **Host syncs and collectives per step** of ASLoRA (torch.profiler: ``aten::_local_scalar_dense``,
    every ``.item()``/``float()`` of a device tensor, and the runtime's synchronize calls; collectives
-   from ``comm_audit``), where each comes from (profiler stacks), and its **peak memory** at ZeRO-3 against ``launch/plan.py``'s prediction for
-   the same setup (GPU only). First, so that no engine built before it counts.
+   from ``comm_audit``), where each comes from (profiler stacks), and its **peak memory** at
+   ZeRO-3 against ``launch/plan.py``'s prediction for the same setup, DeepSpeed's gradient bucket
+   size included (GPU only). First, so that no engine built before it counts.
 2. **Step time** on a ~1B LLaMA shape (``bench/configs/llama-1b.json``, random weights, bf16),
    ZeRO-2 and ZeRO-3 at world 1: the frozen base (the floor), peft LoRA, our LoRA, ShareLoRA A and
    ASLoRA, alternated round by round (``step_bench.alternate``): s/step, tokens/s, x floor, x peft,
@@ -187,12 +188,14 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
         with torch.device("meta"):
             meta = inject_adapters(LlamaForCausalLM(LlamaConfig(**shape)),
                                    AdapterConfig(method="aslora", r=args.r, alpha=2 * args.r))
+        # step_bench leaves reduce_bucket_size at DeepSpeed's default; plan with what the engine uses
         plan = memory_plan(meta, TrainSetup(zero_stage=3, nodes=1, gpus_per_node=dist.get_world_size(), dtype="bf16",
-                                            micro_batch=args.batch, seq_len=args.seq))
-        planned_states = plan.model_states[0]
+                                            micro_batch=args.batch, seq_len=args.seq,
+                                            reduce_bucket_size=engine.zero_reduce_bucket_size()))
+        planned_states = plan.model_states[0] + plan.row("zero_buckets").gpu  # the bucket stays allocated
         table.add("ASLoRA ZeRO-3 step", "model states", f"{states / 2**30:.2f} GiB allocated between steps, "
-                  f"{planned_states / 2**30:.2f} GiB planned ({states / planned_states:.2f}x); "
-                  f"{held / 2**30:.2f} GiB held before it")
+                  f"{planned_states / 2**30:.2f} GiB planned with the gradient bucket "
+                  f"({states / planned_states:.2f}x); {held / 2**30:.2f} GiB held before it")
         measured, predicted = torch.cuda.max_memory_allocated() - held, plan.peak_gpu(checkpointing=False)
         table.add("ASLoRA ZeRO-3 step", "peak memory", f"{measured / 2**30:.2f} GiB measured, "
                   f"{predicted / 2**30:.2f} GiB planned ({measured / predicted:.2f}x)")
