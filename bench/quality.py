@@ -482,12 +482,12 @@ def plot(saved: dict, name: str, path: str) -> None:
 
     task = TASKS[name]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    picks = []
+    sizes = set()
     for variant in VARIANTS:
         pick = chosen(saved, name, variant, task.scorer.higher_is_better)
         if pick is None:
             continue
-        picks.append(pick[1])
+        sizes.add(pick[1][0]["trainable"])
         values = [r["test"] for r in pick[1]]
         std = spread(values)
         marker = "s" if variant in ABLATIONS else "o"
@@ -495,8 +495,8 @@ def plot(saved: dict, name: str, path: str) -> None:
                     label=variant)
     ax.axhline(saved["base"][name]["test"], color="grey", linestyle="--", label="base model")
     ax.set_xscale("log")
-    sizes = sorted({r[0]["trainable"] for r in picks})
-    ax.set_xticks(sizes, [f"{x / 1e3:,.0f}k" for x in sizes])  # the methods' sizes: decades may not show
+    ticks = sorted(sizes)  # the methods' sizes: decades may not show
+    ax.set_xticks(ticks, [f"{x / 1e3:,.0f}k" for x in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters (at the end of training)")
     ax.set_ylabel(f"test {task.scorer.metric} (mean ± std over seeds)")
