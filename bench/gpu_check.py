@@ -41,8 +41,9 @@ import torch  # noqa: E402
 
 # Dense bf16 peak of the GPUs we expect (TFLOP/s, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-# A host read of a tensor (.item(), float()), and the runtime's waits for the GPU.
-SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+SCALAR_READ = "aten::_local_scalar_dense"  # a host read of a tensor (.item(), float())
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # the runtime waits for the GPU
+SYNC_EVENTS = (SCALAR_READ, *WAITS)
 PARTS = ("memory", "steps", "job")  # run in this order
 DRY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128)
@@ -174,8 +175,8 @@ def syncs_and_memory(table: Table, args, shape: dict) -> None:
         get_accelerator().synchronize()
     states = torch.cuda.memory_allocated() - held if on_gpu else 0  # between steps: weights and optimizer
     counts = {e.key: e.count for e in prof.key_averages()}
-    scalars = counts.get("aten::_local_scalar_dense", 0)
-    syncs = sum(c for k, c in counts.items() if k in SYNC_EVENTS[1:])
+    scalars = counts.get(SCALAR_READ, 0)
+    syncs = sum(c for k, c in counts.items() if k in WAITS)
     table.add("ASLoRA ZeRO-3 step", "host syncs", f"{scalars} scalar reads to host, {syncs} synchronize calls")
     table.add("ASLoRA ZeRO-3 step", "their sources", sync_sources(prof))
     table.add("ASLoRA ZeRO-3 step", "collectives", f"{len(record.calls)} calls, {record.bytes() / 2**20:.2f} MB "
